@@ -1,0 +1,33 @@
+# Run `make help` for the list of targets.
+PYTHON ?= python3
+export PYTHON
+
+.PHONY: help setup train test lint format bench clean
+
+help:  ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-8s %s\n", $$1, $$2}'
+
+setup:  ## install runtime dependencies (keeps an existing torch)
+	bash setup/install_deps.sh
+
+train: setup  ## run the template experiment on the dev config (CPU or GPU, local disk, TensorBoard)
+	DEV_MODE=True $(PYTHON) experiments/template_experiment.py
+
+test:  ## install test dependencies (apt: openssh, rsync) and run the test suite
+	bash setup/install_test_deps.sh
+	$(PYTHON) -m pytest
+
+lint:  ## ruff check + format check
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:  ## apply ruff fixes and formatting
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+bench:  ## run the benchmarks (prints ratios against their baselines)
+	for b in benchmarks/bench_*.py; do $(PYTHON) $$b || exit 1; done
+
+clean:  ## remove local outputs and caches
+	rm -rf outputs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

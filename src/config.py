@@ -1,0 +1,284 @@
+"""Experiment configuration: a typed schema, YAML files, and `key=value` overrides.
+
+Which file is loaded:
+  1. ``--config PATH`` on the command line, else
+  2. ``configs/dev_config.yaml`` when ``DEV_MODE`` is true (the default), else
+  3. ``configs/prod_config.yaml``.
+``DEV_MODE`` comes from the environment or from ``.env`` (python-dotenv; the
+environment wins). Overrides are omegaconf dotlists: ``trainer.max_steps=300 seed=3``.
+
+Every value is checked against the dataclasses below, so a typo'd key or a wrong
+type fails at start-up with one line naming the key and the file, never mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from src.utils.paths import DEFAULT_PERSISTENT_DIR, REPO_ROOT
+
+CONFIG_DIR = REPO_ROOT / "configs"
+DEV_CONFIG = CONFIG_DIR / "dev_config.yaml"
+PROD_CONFIG = CONFIG_DIR / "prod_config.yaml"
+EXIT_CONFIG_ERROR = 2
+
+
+@dataclass
+class PathsConfig:
+    # Run directory is <output_dir>/<run_name>/. /workspace/persistent is the Vast.ai
+    # volume; without /workspace the repo-local outputs/ is used instead.
+    output_dir: str = DEFAULT_PERSISTENT_DIR
+
+
+@dataclass
+class DataConfig:
+    num_samples: int = 2048
+    num_features: int = 32
+    num_classes: int = 4
+    noise: float = 0.5
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    batch_size: int = 64
+    num_workers: int = 0
+    seed: int = 1234  # the synthetic data set itself, independent of the training seed
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden_dim: int = 64
+    num_layers: int = 2
+    dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 3
+    max_steps: int = -1  # optimizer steps; -1: max_epochs decides
+    grad_accum_steps: int = 1
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (mixed precision on CUDA only)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    early_stopping_patience: int = 0  # epochs without val improvement; 0 disables
+    early_stopping_min_delta: float = 0.0
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+    # Besides SIGTERM and SIGINT; Slurm's `--signal=USR1@120` sends this. "" disables.
+    extra_stop_signal: str = "SIGUSR1"
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 50
+    keep_last_n: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "gpu-train-kit"
+    wandb_mode: str = "offline"  # offline | online | disabled
+
+
+@dataclass
+class CostConfig:
+    # $/hour of the machine; None: looked up from the Vast.ai instance when running on one.
+    hourly_rate_usd: float | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 42
+    run_name: str = "template"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+
+
+class ConfigError(ValueError):
+    """A config problem, worded as one line that says what is wrong and how to fix it."""
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    if value.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean: use {name}=True or {name}=False")
+
+
+def load_dotenv_file() -> None:
+    """Load ``.env`` from the repo root without overriding the real environment."""
+    from dotenv import load_dotenv
+
+    load_dotenv(REPO_ROOT / ".env", override=False)
+
+
+def default_config_path() -> Path:
+    return DEV_CONFIG if _env_flag("DEV_MODE", default=True) else PROD_CONFIG
+
+
+def _describe(error: OmegaConfBaseException, source: str) -> str:
+    key = getattr(error, "full_key", None) or getattr(error, "key", None)
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "not in" in first_line or "Missing key" in first_line:
+        return f"unknown config key '{key}' in {source}: check the spelling against configs/"
+    if key:
+        return f"bad value for '{key}' in {source}: {first_line}"
+    return f"invalid config in {source}: {first_line}"
+
+
+def load_config(
+    config_path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | None = None,
+) -> DictConfig:
+    """Merge schema defaults, a YAML file and dotlist overrides; ConfigError on any problem."""
+    load_dotenv_file()
+    path = Path(config_path) if config_path is not None else default_config_path()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass --config PATH to an existing YAML)")
+    schema = OmegaConf.structured(ExperimentConfig)
+    try:
+        file_cfg = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and friends: report, don't dump a traceback
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"cannot parse {path}: {message}") from None
+    try:
+        cfg = OmegaConf.merge(schema, file_cfg)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe(error, str(path))) from None
+    bad = [item for item in overrides or [] if "=" not in item]
+    if bad:
+        raise ConfigError(f"override '{bad[0]}' is not key=value (e.g. trainer.max_steps=300)")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe(error, "the command-line overrides")) from None
+    validate(cfg, f"{path} + command-line overrides" if overrides else str(path))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def validate(cfg: DictConfig, source: str) -> None:
+    """Checks the type system can't express (ranges, choices)."""
+    checks = [
+        ("trainer.precision", cfg.trainer.precision in {"fp32", "bf16", "fp16"}, "fp32|bf16|fp16"),
+        ("trainer.grad_accum_steps", cfg.trainer.grad_accum_steps >= 1, "an integer >= 1"),
+        ("trainer.max_epochs", cfg.trainer.max_epochs >= 1, "an integer >= 1"),
+        ("data.batch_size", cfg.data.batch_size >= 1, "an integer >= 1"),
+        ("data.num_workers", cfg.data.num_workers >= 0, "an integer >= 0"),
+        ("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps >= 1, "an integer >= 1"),
+        ("checkpoint.keep_last_n", cfg.checkpoint.keep_last_n >= 1, "an integer >= 1"),
+        (
+            "run_name",
+            re.fullmatch(r"[A-Za-z0-9._=+-]+", cfg.run_name) is not None,
+            "letters, digits and . _ = + - only",
+        ),
+        (
+            "logging.wandb_mode",
+            cfg.logging.wandb_mode in {"offline", "online", "disabled"},
+            "offline|online|disabled",
+        ),
+    ]
+    fractions = cfg.data.val_fraction + cfg.data.test_fraction
+    checks.append(("data.val_fraction", 0 < fractions < 1, "fractions with val+test < 1"))
+    for key, ok, expected in checks:
+        if not ok:
+            value = OmegaConf.select(cfg, key)
+            raise ConfigError(f"bad value for '{key}' in {source}: {value!r}, expected {expected}")
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (VS Code's Interactive Window), where sys.argv is not ours."""
+    return "ipykernel" in sys.modules or hasattr(sys.modules.get("builtins"), "__IPYTHON__")
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split ``[--config PATH] [key=value ...]``; help and unknown flags are ConfigErrors."""
+    config_path: str | None = None
+    overrides: list[str] = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in {"-h", "--help"}:
+            raise SystemExit(
+                "usage: python experiments/<name>.py [--config PATH] [key=value ...]\n"
+                "  e.g. trainer.max_steps=300 seed=3 run_name=my-run paths.output_dir=./outputs"
+            )
+        if arg == "--config":
+            if not args:
+                raise ConfigError("--config needs a path: --config configs/prod_config.yaml")
+            config_path = args.pop(0)
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg}: only --config PATH and key=value are allowed")
+        else:
+            overrides.append(arg)
+    return config_path, overrides
+
+
+def load_experiment_config(argv: list[str] | None = None) -> DictConfig:
+    """Config for an experiment file, from the command line or (in a notebook) from defaults.
+
+    As a script a ConfigError becomes one line on stderr and exit code 2; in a kernel it
+    is raised so the cell shows it without killing the kernel.
+    """
+    notebook = in_notebook()
+    if argv is None:
+        argv = [] if notebook else sys.argv[1:]
+    try:
+        config_path, overrides = parse_cli(argv)
+        return load_config(config_path, overrides)
+    except ConfigError as error:
+        if notebook:
+            raise
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
+
+
+SECRET_KEY_PATTERN = re.compile(r"(key|secret|token|password|passwd|credential)", re.IGNORECASE)
+REDACTED = "***REDACTED***"
+
+
+def redact_secrets(value: Any) -> Any:
+    """Copy of a plain dict/list with values under secret-looking keys replaced."""
+    if isinstance(value, dict):
+        return {
+            key: REDACTED if SECRET_KEY_PATTERN.search(str(key)) and item else redact_secrets(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact_secrets(item) for item in value]
+    return value
+
+
+def to_plain_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved config as a plain dict with secrets redacted: safe for config.json and W&B."""
+    return redact_secrets(OmegaConf.to_container(cfg, resolve=True))

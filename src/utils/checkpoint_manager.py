@@ -1,0 +1,334 @@
+"""Checkpoints that survive preemption: atomic, checksummed, pruned only when safe.
+
+Layout inside ``checkpoint_dir``::
+
+    step_000000120.pt      torch.save of the full training state
+    step_000000120.json    sidecar: step, sha256, size, is_best, ... (the commit marker)
+
+A checkpoint counts only once its sidecar exists and the file's size and sha256
+match it. Each write goes temp file -> fsync -> rename -> fsync(dir), the sidecar
+last, so a SIGKILL or power loss at any moment leaves either the previous
+complete checkpoint or the new one, never a half-written file that gets loaded.
+
+Asynchronous saving: ``save()`` copies the state into one reusable CPU staging
+buffer (the only cost the training loop pays; pinned memory on CUDA) and a
+background thread serializes, hashes and renames. At most one save is in flight;
+a new ``save()`` waits for the previous one, so host memory grows by at most one
+copy of the state. ``wait()`` / ``close()`` flush pending writes (also at exit).
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+CHECKPOINT_PREFIX = "step_"
+HASH_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+class RemoteStore(Protocol):
+    """Seam for mirroring checkpoints off the machine (S3 comes in a later issue)."""
+
+    def upload(self, local_path: Path, name: str) -> None: ...
+
+    def download(self, name: str, local_path: Path) -> None: ...
+
+    def list_names(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    path: Path
+    sha256: str
+    size: int
+    is_best: bool
+    metadata: dict[str, Any]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either the old content or all of the new."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> tuple[str, int]:
+    """torch.save via temp file + fsync + rename; returns (sha256, size) of what landed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        digest, size = sha256_of(tmp), tmp.stat().st_size  # hashed from the page cache
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return digest, size
+
+
+class _StagingBuffer:
+    """Reusable CPU copies of every tensor in a nested state, keyed by position."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def stage(self, value: Any, key: tuple = ()) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._stage_tensor(value, key)
+        if isinstance(value, dict):
+            return {name: self.stage(item, (*key, name)) for name, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            staged = [self.stage(item, (*key, index)) for index, item in enumerate(value)]
+            return type(value)(staged) if isinstance(value, tuple) else staged
+        return copy.deepcopy(value)
+
+    def _stage_tensor(self, tensor: torch.Tensor, key: tuple) -> torch.Tensor:
+        tensor = tensor.detach()
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            pin = tensor.is_cuda and torch.cuda.is_available()
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            self._buffers[key] = buffer
+        buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+        return buffer
+
+
+class CheckpointManager:
+    """Save, prune and load training checkpoints in one directory.
+
+    Only the writer (rank 0 under torchrun) writes or prunes; every rank may load.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str],
+        keep_last_n: int = 3,
+        async_save: bool = True,
+        is_writer: bool = True,
+        remote: RemoteStore | None = None,
+    ) -> None:
+        if keep_last_n < 1:
+            raise ValueError("keep_last_n must be >= 1 (the newest checkpoint is always kept)")
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.keep_last_n = keep_last_n
+        self.async_save = async_save
+        self.is_writer = is_writer
+        self.remote = remote
+        self._staging = _StagingBuffer()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_stall_s = 0.0  # time save() blocked the caller, for benchmarks and logs
+        if is_writer:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_leftovers()
+        # Flush a pending write if the interpreter exits without close().
+        atexit.register(_flush_at_exit, weakref.ref(self))
+
+    # ----- saving -------------------------------------------------------------------------
+
+    def save(
+        self,
+        state: dict[str, Any],
+        step: int,
+        *,
+        is_best: bool = False,
+        metadata: dict[str, Any] | None = None,
+        best_model_path: Path | None = None,
+        blocking: bool = False,
+    ) -> Path:
+        """Checkpoint ``state`` as of ``step``; returns the path it will have when complete.
+
+        ``best_model_path``: also write ``state["model"]`` there (atomically), from the
+        same snapshot, so best_model.pt never costs the loop a second copy.
+        """
+        path = self.path_for(step)
+        if not self.is_writer:
+            return path
+        started = time.perf_counter()
+        self.wait()
+        snapshot = self._staging.stage(state)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non_blocking copies into pinned memory must land
+        job_args = (snapshot, step, is_best, dict(metadata or {}), best_model_path)
+        if self.async_save and not blocking:
+            self._thread = threading.Thread(
+                target=self._write_job, args=job_args, name=f"checkpoint-{step}", daemon=True
+            )
+            self._thread.start()
+        else:
+            self._write(*job_args)
+        self.last_stall_s = time.perf_counter() - started
+        return path
+
+    def wait(self) -> None:
+        """Block until the in-flight write (if any) is complete; re-raise its error."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"background checkpoint write failed: {error}") from error
+
+    def close(self) -> None:
+        self.wait()
+
+    def path_for(self, step: int) -> Path:
+        return self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:09d}.pt"
+
+    def _write_job(self, *args: Any) -> None:
+        try:
+            self._write(*args)
+        except BaseException as error:  # surfaced by the next wait()/save()
+            self._error = error
+
+    def _write(
+        self,
+        snapshot: dict[str, Any],
+        step: int,
+        is_best: bool,
+        metadata: dict[str, Any],
+        best_model_path: Path | None,
+    ) -> None:
+        path = self.path_for(step)
+        sidecar = path.with_suffix(".json")
+        sidecar.unlink(missing_ok=True)  # re-saving a step: invalidate the old one first
+        digest, size = atomic_torch_save(snapshot, path)
+        record = {
+            "step": step,
+            "file": path.name,
+            "sha256": digest,
+            "size": size,
+            "is_best": is_best,
+            "created_at": time.time(),
+            "metadata": metadata,
+        }
+        atomic_write_bytes(sidecar, json.dumps(record, indent=2).encode())
+        if best_model_path is not None and "model" in snapshot:
+            atomic_torch_save(snapshot["model"], Path(best_model_path))
+        if self.remote is not None:
+            self.remote.upload(path, path.name)
+            self.remote.upload(sidecar, sidecar.name)
+        self._prune()
+
+    # ----- listing, pruning ---------------------------------------------------------------
+
+    def list_checkpoints(self) -> list[CheckpointInfo]:
+        """Checkpoints whose sidecar exists, newest first (content not verified here)."""
+        infos = []
+        for sidecar in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*.json"):
+            try:
+                record = json.loads(sidecar.read_text())
+                infos.append(
+                    CheckpointInfo(
+                        step=int(record["step"]),
+                        path=self.checkpoint_dir / record["file"],
+                        sha256=record["sha256"],
+                        size=int(record["size"]),
+                        is_best=bool(record.get("is_best", False)),
+                        metadata=record.get("metadata", {}),
+                    )
+                )
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                _warn(f"ignoring unreadable checkpoint sidecar {sidecar.name}: {error}")
+        return sorted(infos, key=lambda info: info.step, reverse=True)
+
+    def _prune(self) -> None:
+        infos = self.list_checkpoints()
+        keep = {info.path for info in infos[: self.keep_last_n]}
+        best = next((info for info in infos if info.is_best), None)
+        if best is not None:
+            keep.add(best.path)
+        for info in infos:
+            if info.path not in keep:
+                info.path.with_suffix(".json").unlink(missing_ok=True)  # un-commit first
+                info.path.unlink(missing_ok=True)
+
+    def _remove_leftovers(self) -> None:
+        """Temp files of an interrupted write, and data files whose sidecar never landed."""
+        for tmp in self.checkpoint_dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for data in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*.pt"):
+            if not data.with_suffix(".json").exists():
+                data.unlink(missing_ok=True)
+
+    # ----- loading ------------------------------------------------------------------------
+
+    def verify(self, info: CheckpointInfo) -> str | None:
+        """None if the file matches its sidecar, else the reason it does not."""
+        if not info.path.is_file():
+            return "file missing"
+        if info.path.stat().st_size != info.size:
+            return f"size {info.path.stat().st_size} != recorded {info.size}"
+        if sha256_of(info.path) != info.sha256:
+            return "checksum mismatch"
+        return None
+
+    def latest_path(self) -> Path | None:
+        """Path of the newest complete checkpoint (sidecar present), or None."""
+        infos = self.list_checkpoints()
+        return infos[0].path if infos else None
+
+    def load_latest(
+        self, map_location: str | torch.device = "cpu"
+    ) -> tuple[dict[str, Any], CheckpointInfo] | None:
+        """Newest checkpoint that verifies and loads; skips bad ones with a warning."""
+        self.wait()
+        for info in self.list_checkpoints():
+            problem = self.verify(info)
+            if problem is None:
+                try:
+                    state = torch.load(info.path, map_location=map_location, weights_only=True)
+                    return state, info
+                except Exception as error:  # corrupt zip, pickle error
+                    problem = f"cannot load ({type(error).__name__}: {error})"
+            _warn(f"skipping checkpoint {info.path.name}: {problem}; trying the previous one")
+        return None
+
+
+def _flush_at_exit(manager_ref: weakref.ref) -> None:
+    manager = manager_ref()
+    if manager is not None:
+        try:
+            manager.wait()
+        except RuntimeError as error:
+            _warn(str(error))
+
+
+def _warn(message: str) -> None:
+    print(f"[checkpoint] warning: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,65 @@
+"""Scalars to TensorBoard and (optionally) W&B, from rank 0 only.
+
+On resume the TensorBoard writer purges events past the resumed step, so curves
+have no overlapping tail; W&B resumes the same run id (offline by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from src.config import to_plain_dict
+
+
+class MetricLogger:
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume_step: int, enabled: bool) -> None:
+        self._tb = None
+        self._wandb_run = None
+        if not enabled:
+            return
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(
+                log_dir=str(run_dir / "tensorboard"),
+                purge_step=resume_step if resume_step > 0 else None,
+            )
+        if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
+            self._wandb_run = _init_wandb(cfg, run_dir)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._tb is not None:
+            for name, value in metrics.items():
+                self._tb.add_scalar(name, value, step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def _init_wandb(cfg: DictConfig, run_dir: Path) -> Any:
+    import wandb
+
+    # A stable id per run directory, so a re-run resumes the same W&B run.
+    run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(
+        project=cfg.logging.wandb_project,
+        name=cfg.run_name,
+        id=run_id,
+        resume="allow",
+        mode=cfg.logging.wandb_mode,
+        dir=str(run_dir),
+        config=to_plain_dict(cfg),  # secrets redacted
+    )

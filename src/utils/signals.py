@@ -1,0 +1,82 @@
+"""Turn stop signals into a flag the training loop checks at step boundaries.
+
+The handler does no I/O beyond one line and never raises, so a signal that lands
+mid-step (or mid checkpoint write) cannot corrupt anything: the loop finishes the
+step, saves, and exits with EXIT_INTERRUPTED. A second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterable
+from types import FrameType
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, retry later". Distinct from
+# success (0), crashes (1), config errors (2) and death by signal (128+N).
+EXIT_INTERRUPTED = 75
+
+
+def parse_signals(names: Iterable[str]) -> list[signal.Signals]:
+    """``["SIGTERM", "USR1", ""]`` -> signal objects; empty names are skipped."""
+    result = []
+    for name in names:
+        name = name.strip().upper()
+        if not name:
+            continue
+        full = name if name.startswith("SIG") else f"SIG{name}"
+        if not hasattr(signal.Signals, full):
+            raise ValueError(f"unknown signal {name!r}: use a name like SIGUSR1")
+        result.append(signal.Signals[full])
+    return result
+
+
+class StopRequest:
+    """Installs handlers for ``signals``; ``requested`` turns True on the first one."""
+
+    def __init__(self, signals: Iterable[signal.Signals]) -> None:
+        self.signals = list(dict.fromkeys(signals))
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def install(self) -> StopRequest:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python allows handlers only in the main thread
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = name
+        hint = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+        message = f"\n[trainer] {name} received: finishing this step, saving, exiting{hint}\n"
+        os.write(2, message.encode())
+
+    def __enter__(self) -> StopRequest:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+def ignore_stop_signals(signal_names: Iterable[str], worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore stop signals sent to the process group.
+
+    ``docker stop``, Ctrl-C and Slurm signal every process; a worker that died on it
+    would crash the main process before it could save. The main process shuts its
+    workers down itself once it has checkpointed.
+    """
+    for sig in parse_signals(signal_names):
+        signal.signal(sig, signal.SIG_IGN)

@@ -214,6 +214,16 @@ def validate(cfg: DictConfig, source: str) -> None:
             raise ConfigError(f"bad value for '{key}' in {source}: {value!r}, expected {expected}")
 
 
+def check_output_dir(cfg: DictConfig) -> None:
+    """Fail before any run starts if outputs could not be written (checked, not assumed)."""
+    from src.utils.paths import resolve_output_dir
+
+    try:
+        resolve_output_dir(cfg.paths.output_dir)
+    except PermissionError as error:
+        raise ConfigError(str(error)) from None
+
+
 def in_notebook() -> bool:
     """True inside a Jupyter kernel (VS Code's Interactive Window), where sys.argv is not ours."""
     return "ipykernel" in sys.modules or hasattr(sys.modules.get("builtins"), "__IPYTHON__")
@@ -255,7 +265,9 @@ def load_experiment_config(argv: list[str] | None = None) -> DictConfig:
         argv = [] if notebook else sys.argv[1:]
     try:
         config_path, overrides = parse_cli(argv)
-        return load_config(config_path, overrides)
+        cfg = load_config(config_path, overrides)
+        check_output_dir(cfg)
+        return cfg
     except ConfigError as error:
         if notebook:
             raise

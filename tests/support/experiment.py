@@ -1,0 +1,75 @@
+"""Run experiments/template_experiment.py as a real subprocess, the way a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENT = REPO_ROOT / "experiments" / "template_experiment.py"
+
+
+def experiment_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "VAST"))}
+    env.update(PYTHONUNBUFFERED="1", DEV_MODE="True", WANDB_MODE="offline", **extra)
+    return env
+
+
+def start_experiment(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start in its own process group, so a test can signal it and its DataLoader workers."""
+    return subprocess.Popen(
+        [sys.executable, str(EXPERIMENT), *args],
+        cwd=REPO_ROOT,
+        env=env or experiment_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def run_experiment(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(EXPERIMENT), *args],
+        cwd=REPO_ROOT,
+        env=env or experiment_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def newest_checkpoint_step(run_dir: Path) -> int:
+    steps = [int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*.json")]
+    return max(steps, default=-1)
+
+
+def wait_for_checkpoint(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120):
+    """Poll until a checkpoint at or past ``step`` is committed; fail if the run ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if newest_checkpoint_step(run_dir) >= step:
+            return
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"run ended (rc={process.returncode}) before step {step}:\n{err}")
+        time.sleep(0.002)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_bit_identical(left: Path, right: Path) -> None:
+    a, b = load_weights(left), load_weights(right)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs between {left} and {right}"

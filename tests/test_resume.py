@@ -76,9 +76,8 @@ def test_sigterm_then_rerun_is_bit_identical(
     whole_group: bool,
 ) -> None:
     rng = random.Random(target_step)
-    args = run_args(
-        tmp_path, "interrupted", f"data.num_workers={workers}", f"checkpoint.every_n_steps={every_n_steps}"
-    )
+    overrides = [f"data.num_workers={workers}", f"checkpoint.every_n_steps={every_n_steps}"]
+    args = run_args(tmp_path, "interrupted", *overrides)
     run_dir = tmp_path / "interrupted"
     process = start_experiment(args)
     wait_for_checkpoint(process, run_dir, target_step)

@@ -27,7 +27,8 @@ class MetricLogger:
 
             self._tb = SummaryWriter(
                 log_dir=str(run_dir / "tensorboard"),
-                purge_step=resume_step if resume_step > 0 else None,
+                # Drop events logged after the checkpoint by the interrupted process.
+                purge_step=resume_step + 1 if resume_step > 0 else None,
             )
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
             self._wandb_run = _init_wandb(cfg, run_dir)

@@ -1,0 +1,74 @@
+"""What a finished run leaves behind: files, TensorBoard events, W&B offline, no secrets."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from src.utils.signals import EXIT_INTERRUPTED
+from tests.support.experiment import (
+    experiment_env,
+    run_experiment,
+    start_experiment,
+    wait_for_checkpoint,
+)
+
+FAKE_SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-Zq8mN3pX",
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID12345",
+    "VASTAI_API_KEY": "vast-key-Hj4kL9wQ",
+}
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+def test_run_outputs_tensorboard_and_resume_without_duplicate_steps(tmp_path: Path) -> None:
+    args = [
+        f"paths.output_dir={tmp_path}",
+        "run_name=tb",
+        "data.num_samples=8192",
+        "model.hidden_dim=256",
+        "trainer.early_stopping_patience=0",
+        "trainer.log_every_n_steps=1",
+        "checkpoint.every_n_steps=5",
+    ]
+    run_dir = tmp_path / "tb"
+    process = start_experiment(args)
+    wait_for_checkpoint(process, run_dir, 150)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == EXIT_INTERRUPTED
+    result = run_experiment(args)
+    assert result.returncode == 0, result.stderr
+
+    for name in ("best_model.pt", "final_model.pt", "config.json", "training_log.json"):
+        assert (run_dir / name).is_file(), name
+    log = json.loads((run_dir / "training_log.json").read_text())
+    assert [record["epoch"] for record in log] == [0, 1, 2]
+    results = json.loads((run_dir / "test_results.json").read_text())
+    assert results["global_step"] == 309 and results["weights"] == "best"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run_name"] == "tb" and config["trainer"]["log_every_n_steps"] == 1
+
+    steps = scalar_steps(run_dir, "train/loss")
+    assert steps == list(range(1, 310)), "each step logged exactly once across the resume"
+    assert len(scalar_steps(run_dir, "val/loss")) == 3
+
+
+def test_wandb_offline_and_no_secret_anywhere(tmp_path: Path) -> None:
+    args = [f"paths.output_dir={tmp_path}", "run_name=secret", "logging.wandb=true"]
+    result = run_experiment(args, env=experiment_env(**FAKE_SECRETS))
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "secret"
+    assert list(run_dir.glob("wandb/offline-run-*")), "W&B offline run directory missing"
+    texts = [result.stdout, result.stderr]
+    texts += [p.read_bytes().decode("latin-1") for p in run_dir.rglob("*") if p.is_file()]
+    for name, value in FAKE_SECRETS.items():
+        assert not any(value in text for text in texts), f"{name} leaked"

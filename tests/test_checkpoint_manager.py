@@ -96,7 +96,10 @@ def test_data_file_without_sidecar_is_never_loaded(tmp_path: Path) -> None:
     state, info = manager.load_latest()
     assert info.step == 1
     CheckpointManager(tmp_path)  # a new writer cleans the leftovers
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000001.json", "step_000000001.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_000000001.json",
+        "step_000000001.pt",
+    ]
 
 
 def test_background_write_error_surfaces_on_next_call(tmp_path: Path) -> None:

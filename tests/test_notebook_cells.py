@@ -22,7 +22,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def repo_copy(tmp_path: Path) -> Path:
     """A copy of the code, so the notebook's default outputs/ lands in a temp dir."""
     for folder in ("src", "configs", "experiments"):
-        shutil.copytree(REPO_ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO_ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
     return tmp_path
 
 

@@ -1,0 +1,157 @@
+"""InterruptibleTrainer features, in-process on tiny data (the kill tests are in test_resume.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.config import DEV_CONFIG, load_config
+from src.data.resumable_sampler import ResumableSampler
+from src.data.synthetic import make_classification, split
+from src.models import build_model
+from src.trainers.interruptible_trainer import InterruptibleTrainer, lr_factor
+from src.utils.rng import seed_everything
+
+
+def make_trainer(tmp_path: Path, *overrides: str) -> tuple[InterruptibleTrainer, object]:
+    cfg = load_config(
+        DEV_CONFIG,
+        [
+            f"paths.output_dir={tmp_path}",
+            "trainer.progress_bar=false",
+            "logging.tensorboard=false",
+            *overrides,
+        ],
+    )
+    data = make_classification(
+        cfg.data.num_samples, cfg.data.num_features, cfg.data.num_classes, cfg.data.noise, 0
+    )
+    train_set, val_set, test_set = split(data, cfg.data.val_fraction, cfg.data.test_fraction, 0)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, cfg.data.num_features, cfg.data.num_classes)
+    return InterruptibleTrainer(cfg, model, train_set, val_set), test_set
+
+
+def test_fit_writes_outputs_and_test_results(tmp_path: Path) -> None:
+    trainer, test_set = make_trainer(tmp_path, "run_name=basic")
+    result = trainer.fit()
+    assert result.status in {"completed", "early_stopped"} and not result.interrupted
+    results = trainer.test(test_set)
+    assert results["test_accuracy"] > 0.5  # the task is learnable
+    on_disk = json.loads((tmp_path / "basic" / "test_results.json").read_text())
+    assert on_disk["test_loss"] == pytest.approx(results["test_loss"])
+
+
+def test_rerun_of_finished_run_trains_nothing(tmp_path: Path) -> None:
+    first, _ = make_trainer(tmp_path, "run_name=again")
+    first.fit()
+    weights = torch.load(tmp_path / "again" / "final_model.pt")
+    second, _ = make_trainer(tmp_path, "run_name=again")
+    result = second.fit()
+    assert result.global_step == first.state.global_step
+    for name, tensor in torch.load(tmp_path / "again" / "final_model.pt").items():
+        assert torch.equal(tensor, weights[name])
+
+
+def test_max_steps_stops_mid_epoch(tmp_path: Path) -> None:
+    trainer, _ = make_trainer(tmp_path, "run_name=short", "trainer.max_steps=7")
+    result = trainer.fit()
+    assert result.global_step == 7 and result.status == "completed"
+    assert len(trainer.state.history) == 1
+
+
+def test_grad_accumulation_matches_a_bigger_batch(tmp_path: Path) -> None:
+    """Two micro-batches of 32 accumulate to the same update as one batch of 64."""
+    common = ["trainer.max_steps=5", "model.dropout=0.0", "trainer.grad_clip_norm=0"]
+    big, _ = make_trainer(tmp_path, "run_name=big", "data.batch_size=64", *common)
+    big.fit()
+    accum, _ = make_trainer(
+        tmp_path, "run_name=acc", "data.batch_size=32", "trainer.grad_accum_steps=2", *common
+    )
+    accum.fit()
+    assert accum.steps_per_epoch == big.steps_per_epoch
+    accum_weights = accum.model.state_dict()
+    for name, tensor in big.model.state_dict().items():
+        assert torch.allclose(tensor, accum_weights[name], atol=1e-5), name
+
+
+def test_early_stopping_on_val_loss(tmp_path: Path) -> None:
+    # A huge min_delta means no epoch counts as an improvement after the first.
+    trainer, _ = make_trainer(
+        tmp_path,
+        "run_name=early",
+        "trainer.max_epochs=10",
+        "trainer.early_stopping_patience=2",
+        "trainer.early_stopping_min_delta=100",
+    )
+    result = trainer.fit()
+    assert result.status == "early_stopped"
+    assert trainer.state.epoch == 3 and trainer.state.best_epoch == 0
+    assert (tmp_path / "early" / "best_model.pt").is_file()
+
+
+def test_mixed_precision_on_cpu_falls_back_to_fp32(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    trainer, _ = make_trainer(tmp_path, "run_name=amp", "trainer.precision=bf16")
+    assert trainer.precision == "fp32"
+    assert "precision bf16 needs CUDA" in capsys.readouterr().out
+
+
+def test_signal_inside_fit_stops_at_a_step_boundary(tmp_path: Path) -> None:
+    """The handler only sets a flag; fit() returns 'interrupted' with a checkpoint on disk."""
+    trainer, _ = make_trainer(tmp_path, "run_name=sig", "trainer.log_every_n_steps=1")
+    original_step = trainer._optimizer_step
+
+    def step_then_signal() -> None:
+        original_step()
+        if trainer.state.global_step == 13:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the configured extra (Slurm) signal
+
+    trainer._optimizer_step = step_then_signal
+    result = trainer.fit()
+    assert result.interrupted and result.signal_name == "SIGUSR1"
+    assert result.global_step == 13
+    assert trainer.checkpoints.latest_path().name == "step_000000013.pt"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+
+
+def test_sampler_resumes_mid_epoch_and_shards_by_rank() -> None:
+    full = ResumableSampler(100, seed=5)
+    full.set_epoch(3)
+    order = list(full)
+    resumed = ResumableSampler(100, seed=5)
+    resumed.set_epoch(3, start_index=40)
+    assert list(resumed) == order[40:] and len(resumed) == 60
+    other_epoch = ResumableSampler(100, seed=5)
+    other_epoch.set_epoch(4)
+    assert list(other_epoch) != order
+    shards = [ResumableSampler(10, seed=1, rank=r, world_size=3) for r in range(3)]
+    indices = [list(s) for s in shards]
+    assert all(len(i) == 4 for i in indices)  # padded to equal shares
+    assert set(sum(indices, [])) == set(range(10))
+
+
+def test_lr_schedule_is_a_pure_function_of_the_step() -> None:
+    assert lr_factor(0, warmup_steps=10, total_steps=100, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_resumes_on_cuda(tmp_path: Path, precision: str) -> None:
+    trainer, test_set = make_trainer(
+        tmp_path, "run_name=cuda", f"trainer.precision={precision}", "trainer.device=cuda"
+    )
+    assert trainer.device.type == "cuda"
+    result = trainer.fit()
+    assert result.status in {"completed", "early_stopped"}
+    assert trainer.test(test_set)["test_accuracy"] > 0.5
+    checkpoint = torch.load(trainer.checkpoints.latest_path(), weights_only=True)
+    assert "torch_cuda" in checkpoint["rng"][0]

@@ -51,14 +51,15 @@ model = build_model(cfg.model, cfg.data.num_features, cfg.data.num_classes)
 print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
 
 # %% Train (resumes automatically if this run has checkpoints)
-from src.trainers.interruptible_trainer import EXIT_INTERRUPTED, InterruptibleTrainer
+from src.trainers.interruptible_trainer import InterruptibleTrainer
+from src.utils.signals import exit_interrupted
 
 trainer = InterruptibleTrainer(cfg, model, train_set, val_set)
 result = trainer.fit()
 if result.interrupted:
     print(f"interrupted by {result.signal_name} at step {result.global_step}; re-run to resume")
     if not in_notebook():
-        sys.exit(EXIT_INTERRUPTED)
+        exit_interrupted()  # exit code 75: "interrupted, checkpoint saved, re-run to resume"
 
 # %% Evaluate on the test set (best weights) and write test_results.json
 if not result.interrupted:

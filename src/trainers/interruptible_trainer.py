@@ -231,10 +231,11 @@ class InterruptibleTrainer:
                 return "max_steps"
             stop = self._stop_requested()
             at_epoch_end = state.batch_in_epoch >= self.batches_per_epoch
-            if stop or (state.global_step % cfg.checkpoint.every_n_steps == 0 and not at_epoch_end):
-                self._save_checkpoint()
+            periodic = state.global_step % cfg.checkpoint.every_n_steps == 0 and not at_epoch_end
+            if stop or periodic:
+                # On stop: no staging copy, and durable before we say so.
+                self._save_checkpoint(blocking=stop)
             if stop:
-                self.checkpoints.wait()
                 self._print(f"saved checkpoint at step {state.global_step}; re-run to resume")
                 return "interrupted"
         return "epoch_done"
@@ -345,11 +346,12 @@ class InterruptibleTrainer:
             "epoch_samples": self._epoch_samples,
         }
 
-    def _save_checkpoint(self, is_best: bool = False) -> None:
+    def _save_checkpoint(self, is_best: bool = False, blocking: bool = False) -> None:
         state = self._checkpoint_state()
         self.checkpoints.save(
             state,
             self.state.global_step,
+            blocking=blocking,
             is_best=is_best,
             metadata={"epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch},
             best_model_path=self.run_dir / "best_model.pt" if is_best else None,

@@ -85,15 +85,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+class _HashingWriter:
+    """File wrapper that hashes bytes as torch.save writes them: no second read pass."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self._handle.write(data)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
 def atomic_torch_save(obj: Any, path: Path) -> tuple[str, int]:
     """torch.save via temp file + fsync + rename; returns (sha256, size) of what landed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            writer = _HashingWriter(handle)
+            torch.save(obj, writer)
             handle.flush()
             os.fsync(handle.fileno())
-        digest, size = sha256_of(tmp), tmp.stat().st_size  # hashed from the page cache
+        if writer.size != tmp.stat().st_size:  # torch.save seeked instead of streaming
+            raise OSError(f"wrote {writer.size} bytes but {tmp.name} has {tmp.stat().st_size}")
+        digest, size = writer.digest.hexdigest(), writer.size
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -173,6 +193,9 @@ class CheckpointManager:
     ) -> Path:
         """Checkpoint ``state`` as of ``step``; returns the path it will have when complete.
 
+        ``blocking=True`` (used on SIGTERM) writes straight from ``state`` with no staging
+        copy and returns once the checkpoint is durable.
+
         ``best_model_path``: also write ``state["model"]`` there (atomically), from the
         same snapshot, so best_model.pt never costs the loop a second copy.
         """
@@ -181,11 +204,15 @@ class CheckpointManager:
             return path
         started = time.perf_counter()
         self.wait()
-        snapshot = self._staging.stage(state)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non_blocking copies into pinned memory must land
+        background = self.async_save and not blocking
+        if background:
+            snapshot = self._staging.stage(state)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the non_blocking copies into pinned memory must land
+        else:
+            snapshot = state  # the caller waits for the write, so nothing can change under it
         job_args = (snapshot, step, is_best, dict(metadata or {}), best_model_path)
-        if self.async_save and not blocking:
+        if background:
             self._thread = threading.Thread(
                 target=self._write_job, args=job_args, name=f"checkpoint-{step}", daemon=True
             )

@@ -36,7 +36,14 @@ from tqdm import tqdm
 
 from src.data.resumable_sampler import ResumableSampler
 from src.utils.checkpoint_manager import CheckpointManager, atomic_torch_save
-from src.utils.distributed import DistInfo, any_rank, gather_objects, init_distributed
+from src.utils.distributed import (
+    DistInfo,
+    any_rank,
+    barrier,
+    gather_objects,
+    init_distributed,
+    sum_over_ranks,
+)
 from src.utils.metric_logger import MetricLogger
 from src.utils.rng import capture_rng_state, restore_rng_state, seed_everything
 from src.utils.run_io import prepare_run_dir, write_json
@@ -172,6 +179,7 @@ class InterruptibleTrainer:
         if status != "interrupted" and self.dist.is_main:
             atomic_torch_save(self.model.state_dict(), self.run_dir / "final_model.pt")
             write_json(self.run_dir / "training_log.json", self.state.history)
+        barrier(self.dist)  # other ranks read best_model.pt only once rank 0 has written it
         return FitResult(
             status=status,
             global_step=self.state.global_step,
@@ -255,7 +263,13 @@ class InterruptibleTrainer:
         cfg, state = self.cfg, self.state
         self._tick()
         val = self.evaluate(self.val_set)
-        train_loss = (self._epoch_loss_sum / max(1, self._epoch_samples)).item()
+        loss_sum, samples = sum_over_ranks(
+            torch.stack(
+                [self._epoch_loss_sum, self._epoch_loss_sum.new_tensor(self._epoch_samples)]
+            ),
+            self.dist,
+        )
+        train_loss = (loss_sum / max(1.0, samples.item())).item()
         improved = val["loss"] < state.best_val_loss - cfg.trainer.early_stopping_min_delta
         if improved:
             state.best_val_loss, state.best_epoch = val["loss"], state.epoch

@@ -59,3 +59,17 @@ def gather_objects(value: object, info: DistInfo) -> list[object]:
     gathered: list[object] = [None] * info.world_size
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def sum_over_ranks(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise sum across ranks (a copy; ``tensor`` itself is unchanged)."""
+    if not info.is_distributed:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def barrier(info: DistInfo) -> None:
+    if info.is_distributed:
+        dist.barrier()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src.utils.paths import DEFAULT_PERSISTENT_DIR, REPO_ROOT
@@ -104,6 +104,35 @@ class CostConfig:
     hourly_rate_usd: float | None = None
 
 
+RESIDUAL_COMPARE_DIR = f"{DEFAULT_PERSISTENT_DIR}/analyses/residual_compare"
+
+
+@dataclass
+class ResidualModelPair:
+    name: str = MISSING  # what --names selects
+    base: str = MISSING  # local path or Hugging Face id
+    sft: str = MISSING
+
+
+@dataclass
+class ResidualCompareConfig:
+    # Read by scripts/run_residual_sweep.py (docs/sweeps.md); experiments ignore it.
+    models: list[ResidualModelPair] = field(default_factory=list)
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "The capital of France is",
+            "Explain why the sky is blue in one sentence.",
+        ]
+    )
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    device: str = "cuda"  # cuda | cuda:N | cpu
+    max_length: int = 256  # tokens per prompt; longer prompts are truncated
+    output_dir: str = RESIDUAL_COMPARE_DIR  # falls back to outputs/analyses/... off Vast.ai
+    log_dir: str = f"{RESIDUAL_COMPARE_DIR}/logs"
+    required_gpu_names: list[str] = field(default_factory=lambda: ["A100", "H100", "H200"])
+    min_gpu_memory_gb: float = 40.0  # the guardrail; --force bypasses it
+
+
 @dataclass
 class ExperimentConfig:
     seed: int = 42
@@ -116,6 +145,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    residual_compare: ResidualCompareConfig = field(default_factory=ResidualCompareConfig)
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,1 @@
+"""Sweeps: many runs of one program, one subprocess each (see docs/sweeps.md)."""

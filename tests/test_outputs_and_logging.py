@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from src.utils.signals import EXIT_INTERRUPTED
-from tests.support.experiment import (
-    experiment_env,
-    run_experiment,
-    start_experiment,
-    wait_for_checkpoint,
-)
+from tests.support.experiment import experiment_env, interrupt_at_step, run_experiment
 
 FAKE_SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "aws-secret-Zq8mN3pX",
@@ -40,11 +33,7 @@ def test_run_outputs_tensorboard_and_resume_without_duplicate_steps(tmp_path: Pa
         "checkpoint.every_n_steps=5",
     ]
     run_dir = tmp_path / "tb"
-    process = start_experiment(args)
-    wait_for_checkpoint(process, run_dir, 150)
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=60)
-    assert process.returncode == EXIT_INTERRUPTED
+    interrupt_at_step(args, run_dir, 150)
     result = run_experiment(args)
     assert result.returncode == 0, result.stderr
 

@@ -15,6 +15,7 @@ import pytest
 from src.utils.signals import EXIT_INTERRUPTED
 from tests.support.experiment import (
     assert_bit_identical,
+    interrupt_at_step,
     newest_checkpoint_step,
     run_experiment,
     start_experiment,
@@ -138,11 +139,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_still_matches(
 ) -> None:
     args = run_args(tmp_path, "corrupt", "data.num_workers=0", "checkpoint.every_n_steps=5")
     run_dir = tmp_path / "corrupt"
-    process = start_experiment(args)
-    wait_for_checkpoint(process, run_dir, 60)
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=60)
-    assert process.returncode == EXIT_INTERRUPTED
+    interrupt_at_step(args, run_dir, 60)
     newest = max((run_dir / "checkpoints").glob("step_*.pt"))
     with open(newest, "r+b") as handle:  # flip bytes in the middle: same size, bad content
         handle.seek(newest.stat().st_size // 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -73,3 +74,14 @@ def assert_bit_identical(left: Path, right: Path) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs between {left} and {right}"
+
+
+def interrupt_at_step(args: list[str], run_dir: Path, step: int) -> None:
+    """Run until a checkpoint at ``step`` exists, SIGTERM it, expect a clean interrupted exit."""
+    from src.utils.signals import EXIT_INTERRUPTED
+
+    process = start_experiment(args)
+    wait_for_checkpoint(process, run_dir, step)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == EXIT_INTERRUPTED, err

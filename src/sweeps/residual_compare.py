@@ -363,6 +363,9 @@ def compare_pair(
     check_local_paths(pair)
     import torch
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard bars would drown the log file
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device} requested but CUDA is not available here")
@@ -417,9 +420,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     section = cfg.residual_compare
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-shard bars would drown the log file
     try:
         prompts = list(OmegaConf.to_container(section.prompts))  # type: ignore[arg-type]
         record = compare_pair(pair, prompts, section.dtype, section.device, section.max_length)

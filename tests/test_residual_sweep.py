@@ -22,7 +22,7 @@ from src.sweeps.residual_compare import (
     run_residual_sweep,
     sanitize_model_id,
 )
-from src.utils.gpu_monitor import detect_gpus
+from src.utils.gpu_monitor import check_guardrail, detect_gpus
 from src.utils.paths import VOLUME_ROOT
 from tests.support.residual_tiny_models import NUM_LAYERS, PROMPTS, build_tiny_model
 
@@ -171,12 +171,17 @@ def test_guardrail_refuses_and_says_what_it_found(models: dict[str, str], tmp_pa
 
 def test_default_guardrail_refuses_on_a_machine_without_gpu(tmp_path: Path) -> None:
     config = write_config(tmp_path, [{"name": "x", "base": "org/base", "sft": "org/sft"}])
+    expected = check_guardrail(detect_gpus())  # default: A100/H100/H200 with >= 40 GB
     printed: list[str] = []
-    code = run_residual_sweep(config, [], echo=printed.append)
+    if expected.ok:  # a big GPU: the guardrail lets it through (dry run: nothing downloads)
+        assert run_residual_sweep(config, [], dry_run=True, echo=printed.append) == 0
+        assert not any("refus" in line for line in printed)
+        return
+    assert run_residual_sweep(config, [], echo=printed.append) == 3
+    assert printed == [f"[residual] {expected.message}"]
     if detect_gpus().count == 0:
-        assert code == 3 and "found no GPU" in printed[0]
-    else:
-        assert code != 3 or "refusing" in printed[0]
+        assert "found no GPU" in printed[0]
+    assert files_under(tmp_path / "results", tmp_path / "logs") == []
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:

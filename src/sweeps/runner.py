@@ -135,6 +135,9 @@ class _StopSignals:
             signal.signal(sig, previous)  # type: ignore[arg-type]
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal_name is not None:  # a second Ctrl-C: pass it on too (trainer aborts)
+            for entry in self.running:
+                entry.signalled = False
         self.signal_name = signal.Signals(signum).name
         os.write(2, f"\n[sweep] {self.signal_name}: stopping running tasks, no new ones\n".encode())
         self.forward()

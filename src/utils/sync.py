@@ -1,0 +1,406 @@
+"""Download a remote output directory over SSH, verify every byte, record it, mirror it to S3.
+
+``scripts/sync_outputs.sh`` is a thin wrapper around ``main()``. The stages and why:
+
+- connect: one SSH master connection (ControlMaster), reused by rsync and the checksum step,
+  so a password-less key is asked once and the handshake is paid once;
+- transfer: ``rsync -a --partial`` (an interrupted sync resumes; unchanged files are skipped
+  by size+mtime, so a re-sync moves almost nothing);
+- verify: sizes and sha256 of every remote file, computed on the remote by one command, are
+  compared with the local copies; the manifest is written either way, ``verified`` says
+  which. rsync's quick check trusts mtimes, so this is what catches a file that changed
+  remotely after it was sent, or a local copy that rotted;
+- upload (only with ``S3_BUCKET``): the verified files go to S3 (``S3_PREFIX``,
+  ``S3_ENDPOINT_URL``).
+
+Each failure prints ``sync_outputs: <stage> failed: ...`` and exits with the stage's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from src.utils.manifest import (
+    Manifest,
+    build_local_entries,
+    compare_entries,
+    manifest_dir,
+    manifest_path,
+    parse_remote_listing,
+    remote_listing_command,
+    write_manifest,
+)
+from src.utils.paths import REPO_ROOT
+
+EXIT_USAGE = 2
+STAGE_EXIT = {"connect": 10, "transfer": 11, "verify": 12, "upload": 13}
+SSH_OPTS_ENV = "SYNC_SSH_OPTS"  # extra ssh options, e.g. "-i ~/.ssh/vast -o ..."
+RSYNC_PATH_ENV = "SYNC_RSYNC_PATH"  # rsync on the remote, e.g. "sudo rsync"
+CONNECT_TIMEOUT_S = 15
+
+
+class SyncError(RuntimeError):
+    """A failed stage; ``str()`` is the one line shown to the user."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"{stage} failed: {message}")
+        self.stage = stage
+
+
+@dataclass
+class TransferStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    total_file_size: int = 0
+    transferred_file_size: int = 0
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.bytes_sent + self.bytes_received
+
+
+@dataclass
+class SyncResult:
+    manifest: Manifest
+    manifest_file: Path
+    stats: TransferStats
+    uploaded_keys: list[str] = field(default_factory=list)
+
+
+def _last_line(text: str | bytes) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
+
+
+class SshSession:
+    """One ControlMaster connection that every later ssh/rsync call rides on."""
+
+    def __init__(self, host: str, port: int | None, extra_opts: list[str]) -> None:
+        self.host = host
+        self.port = port
+        self._control_dir = Path(tempfile.mkdtemp(prefix="sync-ssh-", dir="/tmp"))
+        control = ["-o", f"ControlPath={self._control_dir}/cm"]
+        # User options first: for ssh the first value given wins.
+        self.base_args = [
+            *extra_opts,
+            *(["-p", str(port)] if port else []),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            "ServerAliveInterval=15",
+            *control,
+        ]
+        self._started = False
+
+    def resolve(self) -> tuple[str, str, int]:
+        """(user, hostname, port) after ~/.ssh/config, as ``ssh -G`` sees them."""
+        result = subprocess.run(
+            ["ssh", "-G", *self.base_args, self.host], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise SyncError(
+                "connect", f"ssh cannot parse host {self.host}: {_last_line(result.stderr)}"
+            )
+        values: dict[str, str] = {}
+        for line in result.stdout.splitlines():
+            key, _, value = line.partition(" ")
+            values.setdefault(key.lower(), value.strip())
+        return (
+            values.get("user", "root"),
+            values.get("hostname", self.host),
+            int(values.get("port", 22)),
+        )
+
+    def start(self) -> None:
+        # -f: background after authentication, so errors still come back here. stderr goes to
+        # a file: a persisted master holding a pipe open would stall whoever reads it.
+        with tempfile.TemporaryFile() as err:
+            result = subprocess.run(
+                [
+                    "ssh",
+                    "-f",
+                    "-N",
+                    "-o",
+                    "ControlMaster=yes",
+                    "-o",
+                    "ControlPersist=300",
+                    *self.base_args,
+                    self.host,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+            err.seek(0)
+            message = _last_line(err.read())
+        if result.returncode != 0:
+            raise SyncError("connect", f"cannot open SSH to {self.host}: {message}")
+        self._started = True
+
+    def ssh_command(self) -> list[str]:
+        return ["ssh", "-o", "ControlMaster=no", *self.base_args]
+
+    def run(self, command: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*self.ssh_command(), self.host, command],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        if self._started:
+            subprocess.run(
+                ["ssh", *self.base_args, "-O", "exit", self.host],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+            )
+        shutil.rmtree(self._control_dir, ignore_errors=True)
+
+    def __enter__(self) -> SshSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def parse_rsync_stats(output: str) -> TransferStats:
+    """Numbers from ``rsync --stats`` (digits may be grouped with , or .)."""
+
+    def number(label: str) -> int:
+        match = re.search(rf"^{label}:\s*([\d,.]+)", output, re.MULTILINE)
+        return int(re.sub(r"[^\d]", "", match.group(1))) if match else 0
+
+    return TransferStats(
+        bytes_sent=number("Total bytes sent"),
+        bytes_received=number("Total bytes received"),
+        total_file_size=number("Total file size"),
+        transferred_file_size=number("Total transferred file size"),
+    )
+
+
+def run_rsync(
+    session: SshSession, remote_dir: str, local_dir: Path, show_progress: bool
+) -> TransferStats:
+    """Pull ``remote_dir/`` into ``local_dir/``; rsync's progress goes straight to stdout."""
+    remote_shell = shlex.join(session.ssh_command())
+    command = ["rsync", "-a", "--partial", "--stats", "-e", remote_shell]
+    if show_progress:
+        command.append("--info=progress2")
+    rsync_path = os.environ.get(RSYNC_PATH_ENV)
+    if rsync_path:
+        command.append(f"--rsync-path={rsync_path}")
+    command += [f"{session.host}:{remote_dir.rstrip('/')}/", f"{local_dir}/"]
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    captured = bytearray()
+    assert process.stdout is not None
+    while chunk := process.stdout.read1(65536):
+        captured += chunk
+        if show_progress:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+    stderr = process.stderr.read() if process.stderr else b""
+    if process.wait() != 0:
+        raise SyncError(
+            "transfer", f"rsync exited with code {process.returncode}: {_last_line(stderr)}"
+        )
+    return parse_rsync_stats(captured.decode(errors="replace"))
+
+
+def verify(session: SshSession, remote_dir: str, local_dir: Path) -> tuple[list, list[str]]:
+    """(remote entries, problems) after hashing both sides."""
+    result = session.run(remote_listing_command(remote_dir))
+    if result.returncode == 255:
+        raise SyncError(
+            "verify", f"SSH dropped while listing the remote: {_last_line(result.stderr)}"
+        )
+    if result.returncode != 0:
+        raise SyncError("verify", f"remote listing failed: {_last_line(result.stderr)}")
+    try:
+        remote_entries = parse_remote_listing(result.stdout)
+    except ValueError as error:
+        raise SyncError("verify", str(error)) from None
+    local_entries = build_local_entries(local_dir, [e.path for e in remote_entries])
+    return remote_entries, compare_entries(remote_entries, local_entries)
+
+
+def sync_outputs(
+    host: str,
+    local_dir: Path,
+    remote_dir: str,
+    port: int | None = None,
+    environ: Mapping[str, str] | None = None,
+    show_progress: bool = True,
+) -> SyncResult:
+    """All four stages; raises SyncError naming the stage that failed."""
+    environ = os.environ if environ is None else environ
+    extra_opts = shlex.split(environ.get(SSH_OPTS_ENV, ""))
+    local_dir = Path(local_dir).expanduser().resolve()
+    with SshSession(host, port, extra_opts) as session:
+        user, hostname, resolved_port = session.resolve()
+        session.start()
+        check = session.run(f"test -d {shlex.quote(remote_dir)}")
+        if check.returncode != 0:
+            raise SyncError(
+                "connect",
+                f"remote directory {remote_dir} does not exist on {host}: check REMOTE_DIR",
+            )
+        try:
+            local_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SyncError("transfer", f"cannot create {local_dir}: {error.strerror}") from None
+        stats = run_rsync(session, remote_dir, local_dir, show_progress)
+        remote_entries, problems = verify(session, remote_dir, local_dir)
+    manifest = Manifest(
+        host=host,
+        ssh_hostname=hostname,
+        ssh_port=resolved_port,
+        ssh_user=user,
+        remote_dir=remote_dir,
+        local_dir=str(local_dir),
+        files=remote_entries,
+        verified=not problems,
+        mismatches=problems,
+    )
+    path = manifest_path(manifest_dir(environ), user, hostname, resolved_port, remote_dir)
+    write_manifest(manifest, path)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SyncError("verify", f"{problems[0]}{more}; run the sync again (manifest: {path})")
+    result = SyncResult(manifest, path, stats)
+    bucket = environ.get("S3_BUCKET", "").strip()
+    if bucket:
+        result.uploaded_keys = upload_verified(manifest, bucket, environ)
+    return result
+
+
+def upload_verified(manifest: Manifest, bucket: str, environ: Mapping[str, str]) -> list[str]:
+    """Upload the verified files, then check each object's size in the bucket."""
+    from src.utils.s3_sync import (
+        S3SyncError,
+        list_objects,
+        make_client,
+        object_key,
+        upload_directory,
+    )
+
+    prefix = environ.get("S3_PREFIX", "").strip()
+    try:
+        client = make_client(environ.get("S3_ENDPOINT_URL") or None)
+        upload_directory(
+            Path(manifest.local_dir),
+            bucket,
+            prefix,
+            [entry.path for entry in manifest.files],
+            client=client,
+            known_sha256={entry.path: entry.sha256 for entry in manifest.files},
+        )
+        in_bucket = list_objects(client, bucket, prefix)
+    except S3SyncError as error:
+        raise SyncError("upload", str(error)) from None
+    except Exception as error:  # noqa: BLE001 - botocore config errors, endpoint unreachable
+        from src.utils.s3_sync import scrub
+
+        raise SyncError(
+            "upload", scrub(f"{type(error).__name__}: {_last_line(str(error))}")
+        ) from None
+    for entry in manifest.files:
+        key = object_key(prefix, entry.path)
+        if in_bucket.get(key) != entry.size:
+            raise SyncError("upload", f"s3://{bucket}/{key} is missing or has the wrong size")
+    return [object_key(prefix, entry.path) for entry in manifest.files]
+
+
+def _defaults(environ: Mapping[str, str]) -> dict[str, str]:
+    """SYNC_* from the environment, falling back to the repo's .env (the environment wins)."""
+    from dotenv import dotenv_values
+
+    dotenv_file = Path(environ.get("SYNC_DOTENV", REPO_ROOT / ".env"))
+    from_file = (
+        {k: v or "" for k, v in dotenv_values(dotenv_file).items()} if dotenv_file.is_file() else {}
+    )
+    return {**from_file, **environ}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sync_outputs.sh",
+        description="Download REMOTE_DIR from HOST into LOCAL_DIR over SSH, verify it, "
+        "and upload it to S3 when S3_BUCKET is set.",
+    )
+    parser.add_argument(
+        "host", nargs="?", help="~/.ssh/config alias or user@host (default: SYNC_HOST)"
+    )
+    parser.add_argument("local_dir", nargs="?", help="default: SYNC_LOCAL_DIR")
+    parser.add_argument("remote_dir", nargs="?", help="default: SYNC_REMOTE_DIR")
+    parser.add_argument("-p", "--port", type=int, help="SSH port (default: from ~/.ssh/config)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no rsync progress")
+    args = parser.parse_args(argv)
+    settings = _defaults(os.environ)
+    # Boto3 reads AWS_* from os.environ: let .env supply them without overriding the shell.
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "AWS_SESSION_TOKEN",
+    ):
+        if settings.get(name) and not os.environ.get(name):
+            os.environ[name] = settings[name]
+    host = args.host or settings.get("SYNC_HOST", "")
+    local_dir = args.local_dir or settings.get("SYNC_LOCAL_DIR", "")
+    remote_dir = args.remote_dir or settings.get("SYNC_REMOTE_DIR", "")
+    missing = [
+        name
+        for name, value in (("HOST", host), ("LOCAL_DIR", local_dir), ("REMOTE_DIR", remote_dir))
+        if not value
+    ]
+    if missing:
+        print(
+            f"sync_outputs: missing {', '.join(missing)}: pass HOST LOCAL_DIR REMOTE_DIR or set "
+            "SYNC_HOST, SYNC_LOCAL_DIR, SYNC_REMOTE_DIR in .env",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        result = sync_outputs(
+            host, Path(local_dir), remote_dir, args.port, settings, not args.quiet
+        )
+    except SyncError as error:
+        print(f"sync_outputs: {error}", file=sys.stderr)
+        return STAGE_EXIT[error.stage]
+    stats, manifest = result.stats, result.manifest
+    print(
+        f"sync_outputs: transferred bytes received={stats.bytes_received} sent={stats.bytes_sent} "
+        f"tree={manifest.total_bytes}"
+    )
+    print(
+        f"sync_outputs: verified {len(manifest.files)} files ({manifest.total_bytes} bytes) "
+        f"from {host}:{remote_dir}; manifest {result.manifest_file}"
+    )
+    if result.uploaded_keys:
+        print(
+            f"sync_outputs: uploaded {len(result.uploaded_keys)} files to s3://{settings['S3_BUCKET']}/"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

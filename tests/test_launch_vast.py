@@ -7,27 +7,25 @@ import os
 import pty
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from src.vast import cli
-from tests.support.fake_vast_server import API_KEY, Canned, FakeVast, fake_vast  # noqa: F401
+from tests.support.fake_vast_server import API_KEY, Canned, FakeVast, running_fake_vast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--retries", "3", "--retry-delay", "0.01"]
 
 
 @pytest.fixture
-def vast_env(
-    fake_vast: FakeVast,  # noqa: F811 - the fixture imported above
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> FakeVast:
-    monkeypatch.setenv("VASTAI_API_KEY", API_KEY)
-    monkeypatch.setenv("VAST_URL", fake_vast.url)
-    monkeypatch.setenv("SYNC_MANIFEST_DIR", str(tmp_path / "manifests"))
-    return fake_vast
+def vast_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeVast]:
+    with running_fake_vast() as fake:
+        monkeypatch.setenv("VASTAI_API_KEY", API_KEY)
+        monkeypatch.setenv("VAST_URL", fake.url)
+        monkeypatch.setenv("SYNC_MANIFEST_DIR", str(tmp_path / "manifests"))
+        yield fake
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

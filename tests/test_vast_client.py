@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,15 @@ from src.vast.client import (
 )
 from src.vast.instances import ssh_addresses, view_of
 from src.vast.pricing import detect_hourly_rate, instance_id_from_env
-from tests.support.fake_vast_server import API_KEY, NOW, Canned, FakeVast, fake_vast  # noqa: F401
+from tests.support.fake_vast_server import API_KEY, NOW, Canned, FakeVast, running_fake_vast
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
+
+
+@pytest.fixture
+def vast() -> Iterator[FakeVast]:
+    with running_fake_vast() as fake:
+        yield fake
 
 
 def client_for(fake: FakeVast, **kwargs) -> VastClient:
@@ -27,48 +34,48 @@ def client_for(fake: FakeVast, **kwargs) -> VastClient:
     return VastClient(API_KEY, fake.url, **kwargs)
 
 
-def test_pagination_follows_next_token_until_null(fake_vast: FakeVast) -> None:
-    with client_for(fake_vast) as client:
+def test_pagination_follows_next_token_until_null(vast: FakeVast) -> None:
+    with client_for(vast) as client:
         instances = client.list_instances()
     assert [i["id"] for i in instances] == [101, 102, 103, 104]
-    listing = [r for r in fake_vast.requests if r.path == "/api/v1/instances/"]
+    listing = [r for r in vast.requests if r.path == "/api/v1/instances/"]
     assert len(listing) == 2  # page size 2 on the server
     assert "after_token" not in listing[0].query
     assert listing[1].query["after_token"] == ["102"]
     assert all(r.headers["Authorization"] == f"Bearer {API_KEY}" for r in listing)
-    assert all(API_KEY not in r.path and API_KEY not in str(r.query) for r in fake_vast.requests)
+    assert all(API_KEY not in r.path and API_KEY not in str(r.query) for r in vast.requests)
 
 
-def test_limit_is_capped_at_25(fake_vast: FakeVast) -> None:
-    with client_for(fake_vast) as client:
+def test_limit_is_capped_at_25(vast: FakeVast) -> None:
+    with client_for(vast) as client:
         list(client.iter_instances(page_limit=100))
-    assert fake_vast.requests[0].query["limit"] == ["25"]
+    assert vast.requests[0].query["limit"] == ["25"]
 
 
 @pytest.mark.parametrize("status", [410, 200])
-def test_retired_listing_is_an_error_not_an_empty_list(fake_vast: FakeVast, status: int) -> None:
-    fake_vast.failures.append(
+def test_retired_listing_is_an_error_not_an_empty_list(vast: FakeVast, status: int) -> None:
+    vast.failures.append(
         Canned(status, {"success": False, "error": "deprecated_endpoint", "msg": "gone"})
     )
-    with client_for(fake_vast) as client, pytest.raises(VastError) as raised:
+    with client_for(vast) as client, pytest.raises(VastError) as raised:
         client.list_instances()
     assert "retired" in str(raised.value) and "not an empty list" in str(raised.value)
 
 
-def test_old_v0_listing_endpoint_answers_retired(fake_vast: FakeVast) -> None:
-    with client_for(fake_vast) as client, pytest.raises(VastError, match="retired"):
+def test_old_v0_listing_endpoint_answers_retired(vast: FakeVast) -> None:
+    with client_for(vast) as client, pytest.raises(VastError, match="retired"):
         client.request("GET", "/api/v0/instances/", params={"owner": "me"})
 
 
-def test_success_false_with_http_200_raises(fake_vast: FakeVast) -> None:
-    fake_vast.failures.append(Canned(200, {"success": False, "error": "insufficient_credit"}))
-    with client_for(fake_vast) as client, pytest.raises(VastError, match="insufficient_credit"):
+def test_success_false_with_http_200_raises(vast: FakeVast) -> None:
+    vast.failures.append(Canned(200, {"success": False, "error": "insufficient_credit"}))
+    with client_for(vast) as client, pytest.raises(VastError, match="insufficient_credit"):
         client.current_user()
 
 
-def test_listing_without_instances_key_is_not_zero_instances(fake_vast: FakeVast) -> None:
-    fake_vast.failures.append(Canned(200, {"success": True}))
-    with client_for(fake_vast) as client, pytest.raises(VastError, match="no 'instances' list"):
+def test_listing_without_instances_key_is_not_zero_instances(vast: FakeVast) -> None:
+    vast.failures.append(Canned(200, {"success": True}))
+    with client_for(vast) as client, pytest.raises(VastError, match="no 'instances' list"):
         client.list_instances()
 
 
@@ -80,48 +87,48 @@ def test_listing_without_instances_key_is_not_zero_instances(fake_vast: FakeVast
         (404, {"success": False, "error": "auth_error", "msg": "no user"}),
     ],
 )
-def test_auth_errors_are_not_retried(fake_vast: FakeVast, status: int, body: dict) -> None:
-    fake_vast.failures.append(Canned(status, body))
-    with client_for(fake_vast) as client, pytest.raises(VastAuthError) as raised:
+def test_auth_errors_are_not_retried(vast: FakeVast, status: int, body: dict) -> None:
+    vast.failures.append(Canned(status, body))
+    with client_for(vast) as client, pytest.raises(VastAuthError) as raised:
         client.list_instances()
     assert "API key was refused" in str(raised.value) and "VASTAI_API_KEY" in str(raised.value)
-    assert len(fake_vast.requests) == 1
+    assert len(vast.requests) == 1
 
 
-def test_wrong_key_is_refused_and_never_echoed(fake_vast: FakeVast) -> None:
+def test_wrong_key_is_refused_and_never_echoed(vast: FakeVast) -> None:
     wrong = "wrong-key-0123456789abcdef"
-    with VastClient(wrong, fake_vast.url, retry=FAST) as client:
+    with VastClient(wrong, vast.url, retry=FAST) as client:
         with pytest.raises(VastAuthError) as raised:
             client.list_instances()
     assert wrong not in str(raised.value)
 
 
-def test_429_with_text_body_then_success(fake_vast: FakeVast) -> None:
-    fake_vast.failures.append(Canned(429, "Too Many Requests", times=2))
+def test_429_with_text_body_then_success(vast: FakeVast) -> None:
+    vast.failures.append(Canned(429, "Too Many Requests", times=2))
     delays: list[float] = []
-    with client_for(fake_vast, sleep=delays.append) as client:
+    with client_for(vast, sleep=delays.append) as client:
         assert len(client.list_instances()) == 4
     assert len(delays) == 2 and delays == sorted(delays)
 
 
-def test_retry_after_header_is_honoured_but_capped(fake_vast: FakeVast) -> None:
-    fake_vast.failures.append(Canned(429, "slow down", headers={"Retry-After": "3600"}))
+def test_retry_after_header_is_honoured_but_capped(vast: FakeVast) -> None:
+    vast.failures.append(Canned(429, "slow down", headers={"Retry-After": "3600"}))
     delays: list[float] = []
     policy = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.5)
-    with client_for(fake_vast, sleep=delays.append, retry=policy) as client:
+    with client_for(vast, sleep=delays.append, retry=policy) as client:
         client.current_user()
     assert delays == [0.5]
 
 
-def test_500_forever_gives_up_after_bounded_attempts(fake_vast: FakeVast) -> None:
-    fake_vast.failures.append(Canned(500, {"error": "boom"}, times=None))
+def test_500_forever_gives_up_after_bounded_attempts(vast: FakeVast) -> None:
+    vast.failures.append(Canned(500, {"error": "boom"}, times=None))
     delays: list[float] = []
     policy = RetryPolicy(attempts=4, base_delay=1.0, max_delay=3.0)
-    with client_for(fake_vast, sleep=delays.append, retry=policy) as client:
+    with client_for(vast, sleep=delays.append, retry=policy) as client:
         with pytest.raises(VastError) as raised:
             client.list_instances()
     assert "HTTP 500" in str(raised.value) and "after 4 attempts" in str(raised.value)
-    assert len(fake_vast.requests) == 4
+    assert len(vast.requests) == 4
     assert delays == [1.0, 2.0, 3.0]  # doubling, capped
 
 
@@ -136,36 +143,36 @@ def test_connection_refused_is_one_line_after_retries() -> None:
     assert "cannot reach" in message and "after 3 attempts" in message and "\n" not in message
 
 
-def test_timeout_is_retried_then_reported(fake_vast: FakeVast) -> None:
-    fake_vast.failures.append(Canned(200, {"instances": []}, delay_s=0.6, times=None))
-    with client_for(fake_vast, timeout=0.2) as client, pytest.raises(VastError) as raised:
+def test_timeout_is_retried_then_reported(vast: FakeVast) -> None:
+    vast.failures.append(Canned(200, {"instances": []}, delay_s=0.6, times=None))
+    with client_for(vast, timeout=0.2) as client, pytest.raises(VastError) as raised:
         client.list_instances()
     assert "no answer" in str(raised.value) and "after 3 attempts" in str(raised.value)
 
 
-def test_get_instance_missing_fields_and_unknown_id(fake_vast: FakeVast) -> None:
-    with client_for(fake_vast) as client:
+def test_get_instance_missing_fields_and_unknown_id(vast: FakeVast) -> None:
+    with client_for(vast) as client:
         sparse = client.get_instance(104)
         assert view_of(sparse).status == "loading" and ssh_addresses(sparse) == []
         with pytest.raises(VastError, match="not found"):
             client.get_instance(999)
 
 
-def test_search_create_destroy_and_state_shapes(fake_vast: FakeVast) -> None:
-    with client_for(fake_vast) as client:
+def test_search_create_destroy_and_state_shapes(vast: FakeVast) -> None:
+    with client_for(vast) as client:
         assert [o["id"] for o in client.search_offers({"limit": 2})] == [9001, 9002]
         new_id = client.create_instance(9002, {"client_id": "me", "image": "x", "disk": 10})
         client.set_state(101, "stopped")
         client.destroy_instance(103)
-    assert new_id in fake_vast.instances and 103 not in fake_vast.instances
-    assert fake_vast.instances[101]["intended_status"] == "stopped"
-    put = [r for r in fake_vast.requests if r.method == "PUT" and "asks" in r.path][0]
+    assert new_id in vast.instances and 103 not in vast.instances
+    assert vast.instances[101]["intended_status"] == "stopped"
+    put = [r for r in vast.requests if r.method == "PUT" and "asks" in r.path][0]
     assert put.path == "/api/v0/asks/9002/" and put.body["client_id"] == "me"
 
 
-def test_create_without_new_contract_is_an_error(fake_vast: FakeVast) -> None:
-    fake_vast.failures.append(Canned(200, {"success": True}))
-    with client_for(fake_vast) as client, pytest.raises(VastError, match="new_contract"):
+def test_create_without_new_contract_is_an_error(vast: FakeVast) -> None:
+    vast.failures.append(Canned(200, {"success": True}))
+    with client_for(vast) as client, pytest.raises(VastError, match="new_contract"):
         client.create_instance(9001, {})
 
 
@@ -221,28 +228,28 @@ def test_base_url_override() -> None:
     assert resolve_base_url("http://x", {"VAST_URL": "http://y"}) == "http://x"
 
 
-def test_hourly_rate_configured_wins(fake_vast: FakeVast) -> None:
-    env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": fake_vast.url}
+def test_hourly_rate_configured_wins(vast: FakeVast) -> None:
+    env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": vast.url}
     assert detect_hourly_rate(2.5, environ=env) == 2.5
-    assert fake_vast.requests == []
+    assert vast.requests == []
 
 
-def test_hourly_rate_from_the_instance(fake_vast: FakeVast) -> None:
-    env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": fake_vast.url}
+def test_hourly_rate_from_the_instance(vast: FakeVast) -> None:
+    env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": vast.url}
     assert detect_hourly_rate(None, environ=env) == 0.8
     assert instance_id_from_env({"VAST_CONTAINERLABEL": "C.777"}) == 777
 
 
-def test_hourly_rate_off_vast_is_none_without_calls(fake_vast: FakeVast) -> None:
-    assert detect_hourly_rate(None, environ={"VAST_URL": fake_vast.url}) is None
-    assert fake_vast.requests == []
+def test_hourly_rate_off_vast_is_none_without_calls(vast: FakeVast) -> None:
+    assert detect_hourly_rate(None, environ={"VAST_URL": vast.url}) is None
+    assert vast.requests == []
 
 
 def test_hourly_rate_failure_prints_one_line_and_never_raises(
-    fake_vast: FakeVast, capsys: pytest.CaptureFixture[str]
+    vast: FakeVast, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake_vast.failures.append(Canned(500, "down", times=None))
-    env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": fake_vast.url}
+    vast.failures.append(Canned(500, "down", times=None))
+    env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": vast.url}
     assert detect_hourly_rate(None, environ=env, timeout=1.0) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cost.hourly_rate_usd" in err and API_KEY not in err

@@ -7,6 +7,7 @@ auth errors, the retired v0 listing, slow answers. Every request is recorded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -15,8 +16,6 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
-
-import pytest
 
 API_KEY = "vast-test-key-5f3c9a1e7d2b4c68"
 NOW = 1_750_000_000.0
@@ -295,8 +294,9 @@ def start_fake_vast() -> FakeVast:
     return fake
 
 
-@pytest.fixture
-def fake_vast() -> Iterator[FakeVast]:
+@contextlib.contextmanager
+def running_fake_vast() -> Iterator[FakeVast]:
+    """Start the server; tests wrap this in their own fixture."""
     fake = start_fake_vast()
     try:
         yield fake

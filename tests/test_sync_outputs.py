@@ -1,0 +1,203 @@
+"""scripts/sync_outputs.sh against a real OpenSSH server on 127.0.0.1, real rsync, moto S3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from src.utils.manifest import read_manifest
+from tests.support.moto_server import AWS_ENV, running_moto_s3
+from tests.support.sshd import SshServer, sshd_server  # noqa: F401 - module fixture
+from tests.support.sync_helpers import make_tree, run_sync, sync_env, transferred
+
+TREE = {
+    "run1/metrics.jsonl": 40_000,
+    "run1/checkpoints/step_100.pt": 1_500_000,
+    "run1/checkpoints/step 200.pt": 1_200_000,  # a space in the name
+    "run2/config.json": 800,
+}
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    remote, local, manifests = tmp_path / "remote", tmp_path / "local", tmp_path / "manifests"
+    make_tree(remote, TREE)
+    return remote, local, manifests
+
+
+def only_manifest(manifests: Path):
+    (path,) = manifests.glob("*.json")
+    return read_manifest(path)
+
+
+def test_first_sync_then_resync_moves_almost_nothing(sshd_server: SshServer, dirs) -> None:  # noqa: F811
+    remote, local, manifests = dirs
+    env = sync_env(sshd_server, manifests)
+    first = run_sync(sshd_server, local, remote, env)
+    assert first.returncode == 0, first.stderr
+    for relative in TREE:
+        assert (local / relative).read_bytes() == (remote / relative).read_bytes()
+    manifest = only_manifest(manifests)
+    assert manifest.verified and sorted(e.path for e in manifest.files) == sorted(TREE)
+    for entry in manifest.files:
+        assert entry.size == TREE[entry.path]
+        assert entry.sha256 == hashlib.sha256((remote / entry.path).read_bytes()).hexdigest()
+    received, _, tree = transferred(first.stdout)
+    assert tree == sum(TREE.values()) and received >= tree
+
+    second = run_sync(sshd_server, local, remote, env)
+    assert second.returncode == 0, second.stderr
+    received, sent, tree = transferred(second.stdout)
+    assert (received + sent) / tree < 0.01, second.stdout
+
+
+def test_remote_file_changed_during_transfer_fails_verify(sshd_server, dirs) -> None:  # noqa: F811
+    remote, local, manifests = dirs
+    victim = remote / "run1" / "metrics.jsonl"
+    # The remote rsync appends to a file after it has sent it: as if training wrote mid-sync.
+    wrapper = f'rsync "$@"; rc=$?; echo late-line >> {shlex.quote(str(victim))}; exit $rc'
+    rsync_path = f"sh -c {shlex.quote(wrapper)} rsync"
+    env = sync_env(sshd_server, manifests, SYNC_RSYNC_PATH=rsync_path)
+    result = run_sync(sshd_server, local, remote, env)
+    assert result.returncode == 12
+    assert "verify failed: run1/metrics.jsonl: size" in result.stderr
+    assert result.stderr.count("\n") == 1
+    manifest = only_manifest(manifests)
+    assert not manifest.verified and manifest.mismatches
+
+
+def test_local_corruption_fails_verify(sshd_server, dirs) -> None:  # noqa: F811
+    remote, local, manifests = dirs
+    env = sync_env(sshd_server, manifests)
+    assert run_sync(sshd_server, local, remote, env).returncode == 0
+    target = local / "run1" / "checkpoints" / "step_100.pt"
+    stat = target.stat()
+    data = bytearray(target.read_bytes())
+    data[1000] ^= 0xFF  # same size, same mtime: rsync's quick check cannot see it
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    result = run_sync(sshd_server, local, remote, env)
+    assert result.returncode == 12
+    assert "verify failed: run1/checkpoints/step_100.pt: sha256 differs" in result.stderr
+    assert not only_manifest(manifests).verified
+
+
+def test_wrong_port_names_connect(sshd_server, dirs) -> None:  # noqa: F811
+    remote, local, manifests = dirs
+    from tests.support.sshd import free_port
+
+    result = run_sync(sshd_server, local, remote, sync_env(sshd_server, manifests), free_port())
+    assert result.returncode == 10 and "connect failed" in result.stderr
+    assert "Connection refused" in result.stderr and result.stderr.count("\n") == 1
+    assert not local.exists() and not manifests.exists()  # nothing half-written
+
+
+def test_wrong_key_names_connect(sshd_server, dirs, tmp_path: Path) -> None:  # noqa: F811
+    remote, local, manifests = dirs
+    other_key = tmp_path / "other_key"
+    keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)]
+    subprocess.run(keygen, check=True, capture_output=True)
+    result = run_sync(sshd_server, local, remote, sync_env(sshd_server, manifests, other_key))
+    assert result.returncode == 10 and "connect failed" in result.stderr
+    assert "Permission denied" in result.stderr
+
+
+def test_missing_remote_dir_names_connect(sshd_server, dirs) -> None:  # noqa: F811
+    remote, local, manifests = dirs
+    result = run_sync(sshd_server, local, remote / "nope", sync_env(sshd_server, manifests))
+    assert result.returncode == 10 and "does not exist" in result.stderr
+    assert "REMOTE_DIR" in result.stderr
+
+
+def test_transfer_failure_names_transfer(sshd_server, dirs) -> None:  # noqa: F811
+    remote, local, manifests = dirs
+    env = sync_env(sshd_server, manifests, SYNC_RSYNC_PATH="/nonexistent/rsync")
+    result = run_sync(sshd_server, local, remote, env)
+    assert result.returncode == 11 and "transfer failed: rsync exited" in result.stderr
+    assert not manifests.exists()
+
+
+def test_missing_arguments_is_one_line(sshd_server, tmp_path: Path) -> None:  # noqa: F811
+    from tests.support.sync_helpers import SYNC_SCRIPT
+
+    env = sync_env(sshd_server, tmp_path)
+    result = subprocess.run([str(SYNC_SCRIPT)], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "missing HOST, LOCAL_DIR, REMOTE_DIR" in result.stderr and "SYNC_HOST" in result.stderr
+
+
+def test_defaults_come_from_dotenv(sshd_server, dirs) -> None:  # noqa: F811
+    from tests.support.sync_helpers import SYNC_SCRIPT
+
+    remote, local, manifests = dirs
+    manifests.mkdir()
+    dotenv = manifests / "sync.env"
+    dotenv.write_text(
+        f"SYNC_HOST={sshd_server.target}\nSYNC_LOCAL_DIR={local}\nSYNC_REMOTE_DIR={remote}\n"
+    )
+    env = sync_env(sshd_server, manifests, SYNC_DOTENV=str(dotenv))
+    result = subprocess.run(
+        [str(SYNC_SCRIPT), "-q", "-p", str(sshd_server.port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (local / "run2" / "config.json").is_file()
+
+
+def test_s3_upload_lands_in_moto_and_matches(sshd_server, dirs) -> None:  # noqa: F811
+    remote, local, manifests = dirs
+    with running_moto_s3() as s3:
+        s3.client().create_bucket(Bucket="outputs-bucket")
+        env = sync_env(
+            sshd_server,
+            manifests,
+            S3_BUCKET="outputs-bucket",
+            S3_PREFIX="runs/exp1",
+            S3_ENDPOINT_URL=s3.endpoint_url,
+            **AWS_ENV,
+        )
+        result = run_sync(sshd_server, local, remote, env)
+        assert result.returncode == 0, result.stderr
+        client = s3.client()
+        listed = client.list_objects_v2(Bucket="outputs-bucket", Prefix="runs/exp1/")
+        keys = sorted(item["Key"] for item in listed["Contents"])
+        assert keys == sorted(f"runs/exp1/{p}" for p in TREE)
+        for relative in TREE:
+            body = client.get_object(Bucket="outputs-bucket", Key=f"runs/exp1/{relative}")
+            assert body["Body"].read() == (remote / relative).read_bytes()
+        # Unchanged files are not uploaded again.
+        again = run_sync(sshd_server, local, remote, env)
+        assert again.returncode == 0 and "uploaded 4 files" in again.stdout
+        output = result.stdout + result.stderr + again.stdout + again.stderr
+        for secret in AWS_ENV.values():
+            if secret != "us-east-1":
+                assert secret not in output
+        manifest_text = "".join(p.read_text() for p in manifests.glob("*.json"))
+        assert AWS_ENV["AWS_SECRET_ACCESS_KEY"] not in manifest_text
+        assert json.loads(manifest_text)["verified"] is True
+
+
+def test_s3_failure_names_upload_and_hides_credentials(sshd_server, dirs) -> None:  # noqa: F811
+    remote, local, manifests = dirs
+    with running_moto_s3() as s3:
+        env = sync_env(
+            sshd_server,
+            manifests,
+            S3_BUCKET="no-such-bucket",
+            S3_ENDPOINT_URL=s3.endpoint_url,
+            **AWS_ENV,
+        )
+        result = run_sync(sshd_server, local, remote, env)
+    assert result.returncode == 13 and "upload failed" in result.stderr
+    assert "NoSuchBucket" in result.stderr or "does not exist" in result.stderr
+    assert AWS_ENV["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+    assert AWS_ENV["AWS_ACCESS_KEY_ID"] not in result.stdout + result.stderr

@@ -122,6 +122,7 @@ def test_ssh_config_alias_then_sync_then_destroy_via_proxy(
         ]
     )
     assert code == 0 and "Host vast-test" in config.read_text()
+    assert config.read_text().startswith("Host other\n    HostName example.org\n\nHost vast-test\n")
     capsys.readouterr()
 
     remote, local = tmp_path / "remote", tmp_path / "local"

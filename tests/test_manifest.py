@@ -1,0 +1,113 @@
+"""The download manifest: the remote listing command, parsing, comparing, atomic write/read."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from src.utils.manifest import (
+    FileEntry,
+    Manifest,
+    build_local_entries,
+    compare_entries,
+    find_manifests,
+    manifest_path,
+    parse_remote_listing,
+    read_manifest,
+    remote_listing_command,
+    verify_local,
+    write_manifest,
+)
+from src.utils.sync import parse_rsync_stats
+from tests.support.sync_helpers import make_tree
+
+ODD_NAMES = {"a.txt": 10, "dir/with space.bin": 2000, "dir/new\nline": 5, "back\\slash": 7}
+
+
+def listing_of(directory: Path) -> list[FileEntry]:
+    """Run the exact command ssh would run, with a local shell."""
+    result = subprocess.run(
+        ["sh", "-c", remote_listing_command(str(directory))], capture_output=True, check=True
+    )
+    return parse_remote_listing(result.stdout)
+
+
+def test_remote_listing_matches_local_hashes_even_for_odd_names(tmp_path: Path) -> None:
+    make_tree(tmp_path, ODD_NAMES)
+    remote = listing_of(tmp_path)
+    assert sorted(e.path for e in remote) == sorted(ODD_NAMES)
+    assert remote == build_local_entries(tmp_path, [e.path for e in remote])
+    assert build_local_entries(tmp_path) == remote
+
+
+def test_remote_listing_of_missing_dir_exits_3(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["sh", "-c", remote_listing_command(str(tmp_path / "nope"))], capture_output=True
+    )
+    assert result.returncode == 3 and b"no such directory" in result.stderr
+
+
+def test_quoting_survives_hostile_dir_names(tmp_path: Path) -> None:
+    hostile = tmp_path / "it's $(touch pwned); x"
+    make_tree(hostile, {"f": 3})
+    assert [e.path for e in listing_of(hostile)] == ["f"]
+    assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_parse_rejects_inconsistent_listing() -> None:
+    with pytest.raises(ValueError, match="appeared or vanished"):
+        parse_remote_listing(b"S 3 a\0")
+    with pytest.raises(ValueError, match="unexpected line"):
+        parse_remote_listing(b"garbage\0")
+
+
+def test_compare_reports_missing_size_and_checksum() -> None:
+    expected = [FileEntry("a", 1, "x"), FileEntry("b", 2, "y"), FileEntry("c", 3, "z")]
+    actual = [FileEntry("a", 1, "x"), FileEntry("b", 5, "y"), FileEntry("c", 3, "q")]
+    assert compare_entries(expected, actual) == ["b: size 5 != 2", "c: sha256 differs"]
+    assert compare_entries(expected, actual[:1]) == ["b: missing", "c: missing"]
+    assert compare_entries(expected, expected) == []
+
+
+def test_write_read_roundtrip_and_find(tmp_path: Path) -> None:
+    make_tree(tmp_path / "local", {"r/x": 100})
+    entries = build_local_entries(tmp_path / "local")
+    manifest = Manifest(
+        "alias",
+        "1.2.3.4",
+        2222,
+        "root",
+        "/workspace/p",
+        str(tmp_path / "local"),
+        entries,
+        verified=True,
+    )
+    path = manifest_path(tmp_path / "m", "root", "1.2.3.4", 2222, "/workspace/p")
+    write_manifest(manifest, path)
+    assert read_manifest(path) == manifest and read_manifest(path).total_bytes == 100
+    assert [m for _, m in find_manifests(tmp_path / "m", "1.2.3.4", 2222)] == [manifest]
+    assert find_manifests(tmp_path / "m", "1.2.3.4", 2223) == []
+    assert list((tmp_path / "m").iterdir()) == [path]  # no temp files left behind
+    assert verify_local(manifest) == []
+    (tmp_path / "local" / "r" / "x").write_bytes(b"changed")
+    assert verify_local(manifest) == ["r/x: size 7 != 100"]
+
+
+def test_unreadable_manifest_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError) as raised:
+        read_manifest(bad)
+    assert "not a readable download manifest" in str(raised.value)
+    assert find_manifests(tmp_path, "h", 1) == []  # skipped, not fatal
+
+
+def test_parse_rsync_stats() -> None:
+    stats = parse_rsync_stats(
+        "Total file size: 1,073,741,824 bytes\nTotal transferred file size: 0 bytes\n"
+        "Total bytes sent: 1,234\nTotal bytes received: 56\n"
+    )
+    assert (stats.bytes_sent, stats.bytes_received) == (1234, 56)
+    assert stats.total_file_size == 1_073_741_824 and stats.wire_bytes == 1290

@@ -11,7 +11,7 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 for tool in ssh rsync; do
     command -v "$tool" >/dev/null 2>&1 || {
-        echo "sync_outputs: connect failed: '$tool' not found: install it (apt-get install $tool)" >&2
+        echo "sync_outputs: connect failed: '$tool' not found: install it (apt-get install openssh-client rsync)" >&2
         exit 10
     }
 done

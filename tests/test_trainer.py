@@ -155,3 +155,14 @@ def test_mixed_precision_trains_and_resumes_on_cuda(tmp_path: Path, precision: s
     assert trainer.test(test_set)["test_accuracy"] > 0.5
     checkpoint = torch.load(trainer.checkpoints.latest_path(), weights_only=True)
     assert "torch_cuda" in checkpoint["rng"][0]
+
+
+def test_epoch_line_shows_cost_when_the_hourly_rate_is_known(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    trainer, _ = make_trainer(tmp_path, "run_name=cost", "cost.hourly_rate_usd=3600.0")
+    trainer.fit()
+    out = capsys.readouterr().out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("[trainer] epoch ")]
+    assert len(epoch_lines) == trainer.state.epoch
+    assert all(" | cost $" in line for line in epoch_lines)

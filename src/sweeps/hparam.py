@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from src.config import ConfigError
 from src.sweeps.runner import Task, TaskResult, run_tasks
-from src.utils.checkpoint_manager import atomic_write_bytes
+from src.utils.atomic_io import atomic_write_bytes
 from src.utils.paths import DEFAULT_PERSISTENT_DIR, REPO_ROOT, resolve_output_dir
 from src.utils.run_io import write_json
 

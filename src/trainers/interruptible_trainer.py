@@ -48,6 +48,7 @@ from src.utils.metric_logger import MetricLogger
 from src.utils.rng import capture_rng_state, restore_rng_state, seed_everything
 from src.utils.run_io import prepare_run_dir, write_json
 from src.utils.signals import EXIT_INTERRUPTED, StopRequest, ignore_stop_signals, parse_signals
+from src.vast.pricing import detect_hourly_rate
 
 __all__ = ["EXIT_INTERRUPTED", "FitResult", "InterruptibleTrainer", "select_device"]
 
@@ -159,7 +160,10 @@ class InterruptibleTrainer:
         stop_names = ["SIGTERM", "SIGINT", cfg.trainer.extra_stop_signal]
         self._stop_signal_names = [name for name in stop_names if name]
         self.stop_request = StopRequest(parse_signals(self._stop_signal_names))
-        self.hourly_rate_usd = self._hourly_rate()
+        # $/h for the cost shown in epoch lines: config value, else the Vast.ai instance's price.
+        self.hourly_rate_usd = (
+            detect_hourly_rate(cfg.cost.hourly_rate_usd) if self.dist.is_main else None
+        )
 
     # ----- the loop ---------------------------------------------------------------------
 
@@ -427,13 +431,6 @@ class InterruptibleTrainer:
 
     def _stop_requested(self) -> bool:
         return any_rank(self.stop_request.requested, self.dist, self.device)
-
-    def _hourly_rate(self) -> float | None:
-        try:
-            from src.vast.pricing import detect_hourly_rate
-        except ImportError:
-            return self.cfg.cost.hourly_rate_usd
-        return detect_hourly_rate(self.cfg.cost.hourly_rate_usd)
 
     def _progress_bar(self) -> tqdm:
         interactive = sys.stderr.isatty()

@@ -34,8 +34,9 @@ from typing import Any, Protocol
 
 import torch
 
+from src.utils.atomic_io import atomic_write_bytes, fsync_dir, sha256_file, temp_path_for
+
 CHECKPOINT_PREFIX = "step_"
-HASH_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 class RemoteStore(Protocol):
@@ -58,33 +59,6 @@ class CheckpointInfo:
     metadata: dict[str, Any]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either the old content or all of the new."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 class _HashingWriter:
     """File wrapper that hashes bytes as torch.save writes them: no second read pass."""
 
@@ -104,7 +78,7 @@ class _HashingWriter:
 
 def atomic_torch_save(obj: Any, path: Path) -> tuple[str, int]:
     """torch.save via temp file + fsync + rename; returns (sha256, size) of what landed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path_for(path)
     try:
         with open(tmp, "wb") as handle:
             writer = _HashingWriter(handle)
@@ -322,7 +296,7 @@ class CheckpointManager:
             return "file missing"
         if info.path.stat().st_size != info.size:
             return f"size {info.path.stat().st_size} != recorded {info.size}"
-        if sha256_of(info.path) != info.sha256:
+        if sha256_file(info.path) != info.sha256:
             return "checksum mismatch"
         return None
 

@@ -17,17 +17,17 @@ import json
 import os
 import re
 import shlex
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from src.utils.atomic_io import atomic_write_bytes, sha256_file
+
 MANIFEST_VERSION = 1
 MANIFEST_DIR_ENV = "SYNC_MANIFEST_DIR"
 _HASH_LINE = re.compile(r"^([0-9a-f]{64}) [ *]\./(.*)$", re.DOTALL)
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,6 @@ class Manifest:
         data = asdict(self)
         data["total_bytes"] = self.total_bytes
         return data
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_local_entries(root: Path, relative_paths: Iterable[str] | None = None) -> list[FileEntry]:
@@ -161,16 +153,7 @@ def manifest_path(directory: Path, user: str, hostname: str, port: int, remote_d
 def write_manifest(manifest: Manifest, path: Path) -> Path:
     """Atomic: a reader sees the old manifest or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(manifest.to_json(), handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps(manifest.to_json(), indent=1).encode())
     return path
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from src.config import to_plain_dict
-from src.utils.checkpoint_manager import atomic_write_bytes
+from src.utils.atomic_io import atomic_write_bytes
 from src.utils.paths import resolve_output_dir
 
 

@@ -174,11 +174,21 @@ def default_config_path() -> Path:
     return DEV_CONFIG if _env_flag("DEV_MODE", default=True) else PROD_CONFIG
 
 
-def _describe(error: OmegaConfBaseException, source: str) -> str:
+def describe_parse_error(path: Path, error: Exception) -> str:
+    """``cannot parse PATH: <problem> at line L, column C`` from a YAML error, in one line."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"cannot parse {path}: {problem}{where}"
+
+
+def describe_config_error(error: OmegaConfBaseException, source: str) -> str:
     key = getattr(error, "full_key", None) or getattr(error, "key", None)
     first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
     if "not in" in first_line or "Missing key" in first_line:
         return f"unknown config key '{key}' in {source}: check the spelling against configs/"
+    if "is not a ListConfig" in first_line:  # omegaconf's words for "a scalar where a list goes"
+        first_line = "expected a list, e.g. [0, 1]"
     if key:
         return f"bad value for '{key}' in {source}: {first_line}"
     return f"invalid config in {source}: {first_line}"
@@ -197,19 +207,18 @@ def load_config(
     try:
         file_cfg = OmegaConf.load(path)
     except Exception as error:  # yaml.YAMLError and friends: report, don't dump a traceback
-        message = str(error).splitlines()[0]
-        raise ConfigError(f"cannot parse {path}: {message}") from None
+        raise ConfigError(describe_parse_error(path, error)) from None
     try:
         cfg = OmegaConf.merge(schema, file_cfg)
     except OmegaConfBaseException as error:
-        raise ConfigError(_describe(error, str(path))) from None
+        raise ConfigError(describe_config_error(error, str(path))) from None
     bad = [item for item in overrides or [] if "=" not in item]
     if bad:
         raise ConfigError(f"override '{bad[0]}' is not key=value (e.g. trainer.max_steps=300)")
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
     except OmegaConfBaseException as error:
-        raise ConfigError(_describe(error, "the command-line overrides")) from None
+        raise ConfigError(describe_config_error(error, "the command-line overrides")) from None
     validate(cfg, f"{path} + command-line overrides" if overrides else str(path))
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -108,12 +108,52 @@ def test_random_search_is_seeded_and_respects_ranges(tmp_path: Path) -> None:
         ({"method": "random", "parameters": {"x": [1]}}, "num_trials must be >= 1"),
         ({"parameters": {}}, "sweep.parameters is empty"),
         ({"experiment": "nope.py", "parameters": {"x": [1]}}, "does not exist"),
-        ({"parameters": {"x": [1]}, "typo_key": 1}, "invalid sweep file"),
+        ({"parameters": {"x": [1]}, "typo_key": 1}, "unknown config key .sweep.typo_key."),
     ],
 )
 def test_bad_sweep_files_fail_with_one_line(tmp_path: Path, sweep: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_sweep(write_sweep(tmp_path, **sweep))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("other: 1\n", "has no sweep: section; start from configs/sweep_example.yaml"),
+        ("sweep:\n  parameters: {x: [1\n", "did not find expected ',' or ']' at line 3"),
+        ("sweep:\n  parameters: {x: [1]}\n  gpus: 0\n", "'sweep.gpus' .*expected a list"),
+        ("sweep:\n  parameters: {x: [1]}\n  gpus: [0, 0]\n", "must be distinct GPU indices"),
+    ],
+)
+def test_malformed_sweep_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path)
+
+
+def test_relative_output_dir_means_the_same_folder_to_the_sweep_and_its_trials(
+    tmp_path: Path,
+) -> None:
+    """The trials run from the repo root; a relative output_dir is taken from where the user is."""
+    config = write_sweep(tmp_path, output_dir="relative-out", parameters={"x": [1]})
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(config), "--dry-run"],
+        cwd=tmp_path,
+        env=experiment_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"paths.output_dir={tmp_path / 'relative-out'}" in result.stdout
+    assert str(REPO_ROOT / "relative-out") not in result.stdout
+
+
+def test_misspelled_metric_is_called_out(tmp_path: Path) -> None:
+    code, out = run_sweep(write_sweep(tmp_path, metric="best_val_los", parameters={"x": [1]}))
+    assert code == 0, out
+    assert "no finished trial reports sweep.metric 'best_val_los'" in out
 
 
 def test_bad_sweep_file_exits_2_before_running_anything(tmp_path: Path) -> None:

@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from src.config import ConfigError, load_config
 from src.sweeps.residual_compare import (
     ModelPair,
     compare_pair,
+    compare_states,
     existing_output,
     output_filename,
     resolve_dirs,
@@ -78,7 +80,43 @@ def all_numbers(record: dict) -> list[float]:
         for metric in ("cosine_similarity", "relative_diff_norm"):
             stats = layer[metric]
             numbers += [stats[k] for k in ("mean", "std", "min", "max")] + stats["per_prompt_mean"]
-    return numbers
+    kl = record["next_token_kl"]
+    return numbers + [kl[k] for k in ("mean", "std", "min", "max")] + kl["per_prompt_mean"]
+
+
+def test_compare_states_numbers_on_known_tensors() -> None:
+    """Hand-checkable inputs: sft = 2 * base (cosine 1, |2b - b| / |b| = 1) and a known KL."""
+    base_hidden = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[3.0, 4.0], [1.0, 1.0]]])  # [L, T, H]
+    sft_hidden = base_hidden.clone()
+    sft_hidden[1] = torch.tensor([[0.0, 1.0], [-1.0, -1.0]])  # orthogonal, then opposite
+    sft_hidden[0] = 2 * base_hidden[0]
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    q = torch.tensor([[0.25, 0.75], [0.9, 0.1]])
+    numbers = compare_states(([base_hidden], [p.log()]), ([sft_hidden], [q.log()]))
+
+    scaled, rotated = numbers["layers"]
+    assert scaled["cosine_similarity"]["min"] == pytest.approx(1.0)
+    assert scaled["relative_diff_norm"]["mean"] == pytest.approx(1.0)
+    # Layer 1: token 0 cos((3,4),(0,1)) = 0.8, |(-3,-3)|/5; token 1 cos -1, |(-2,-2)|/|(1,1)| = 2
+    assert rotated["cosine_similarity"]["min"] == pytest.approx(-1.0)
+    assert rotated["cosine_similarity"]["max"] == pytest.approx(0.8)
+    assert rotated["relative_diff_norm"]["mean"] == pytest.approx((18**0.5 / 5 + 2) / 2)
+    expected_kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # KL(p||q), token 0
+    assert numbers["next_token_kl"]["max"] == pytest.approx(expected_kl)
+    assert numbers["next_token_kl"]["min"] == pytest.approx(0.0, abs=1e-7)
+    assert numbers["next_token_kl"]["direction"] == "KL(base || sft)"
+
+
+def test_models_load_in_the_configured_dtype(models: dict[str, str]) -> None:
+    from src.sweeps.residual_compare import _load_model
+
+    model = _load_model(models["a"], "bfloat16", "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    record = compare_pair(
+        ModelPair("bf16", models["a"], models["b"]), PROMPTS, "bfloat16", "cpu", 16
+    )
+    assert record["inputs"]["dtype"] == "bfloat16"
+    assert all(math.isfinite(x) for x in all_numbers(record))
 
 
 def test_self_comparison_gives_cosine_one_and_zero_difference(models: dict[str, str]) -> None:
@@ -113,7 +151,7 @@ def test_sweep_reports_missing_model_finishes_others_then_skips_existing(
         {"name": "missing", "base": models["a"], "sft": MISSING_MODEL},
         {"name": "differ", "base": models["a"], "sft": models["b"]},
     ]
-    config = write_config(tmp_path, inventory)
+    config = write_config(tmp_path, inventory, min_gpu_memory_gb=100000)  # refuses everywhere
     first = run_script("--config", str(config), "--force")
     assert first.returncode == 1, first.stdout + first.stderr
     assert "guardrail bypassed by --force" in first.stdout
@@ -164,12 +202,12 @@ def test_guardrail_refuses_and_says_what_it_found(models: dict[str, str], tmp_pa
     config = write_config(tmp_path, inventory, min_gpu_memory_gb=100000)  # no GPU has this
     result = run_script("--config", str(config))
     assert result.returncode == 3
-    assert "refusing to start" in result.stdout and "--force" in result.stdout
-    assert f"found {detect_gpus().describe()}" in result.stdout
+    assert "refusing to start" in result.stderr and "--force" in result.stderr
+    assert f"found {detect_gpus().describe()}" in result.stderr
     assert files_under(tmp_path / "results", tmp_path / "logs") == []
 
 
-def test_default_guardrail_refuses_on_a_machine_without_gpu(tmp_path: Path) -> None:
+def test_default_guardrail_refuses_on_a_machine_without_gpu(tmp_path: Path, capsys) -> None:
     config = write_config(tmp_path, [{"name": "x", "base": "org/base", "sft": "org/sft"}])
     expected = check_guardrail(detect_gpus())  # default: A100/H100/H200 with >= 40 GB
     printed: list[str] = []
@@ -178,9 +216,10 @@ def test_default_guardrail_refuses_on_a_machine_without_gpu(tmp_path: Path) -> N
         assert not any("refus" in line for line in printed)
         return
     assert run_residual_sweep(config, [], echo=printed.append) == 3
-    assert printed == [f"[residual] {expected.message}"]
+    assert printed == []
+    assert capsys.readouterr().err == f"[residual] {expected.message}\n"
     if detect_gpus().count == 0:
-        assert "found no GPU" in printed[0]
+        assert "found no GPU" in expected.message
     assert files_under(tmp_path / "results", tmp_path / "logs") == []
 
 
@@ -192,6 +231,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
         "config error: unknown --names nope; the inventory has x"
     )
     assert files_under(tmp_path / "results", tmp_path / "logs") == []
+
+
+def test_override_after_names_is_one_line_not_an_unknown_name(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [{"name": "x", "base": "org/base", "sft": "org/sft"}])
+    result = run_script("--config", str(config), "--force", "--names", "x", "seed=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "config error: --names got 'seed=3', which looks like an override: "
+        "put key=value before --names"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -225,20 +274,25 @@ def test_config_problems_are_caught_before_anything_runs(
 def test_log_dir_falls_back_when_workspace_is_missing(tmp_path: Path, capsys) -> None:
     cfg = load_config(REPO_ROOT / "configs" / "dev_config.yaml")  # /workspace defaults
     dirs = resolve_dirs(cfg, fallback=tmp_path / "fallback")
+    assert capsys.readouterr().err == ""  # the sweep prints dirs.describe(): one line, not three
     if VOLUME_ROOT.is_dir():  # on a Vast.ai-style box the volume itself is used
-        assert str(dirs.log_dir).startswith(str(VOLUME_ROOT))
+        assert str(dirs.log_dir).startswith(str(VOLUME_ROOT)) and not dirs.fell_back
     else:
-        assert dirs.output_dir == tmp_path / "fallback"
+        assert dirs.output_dir == tmp_path / "fallback" and dirs.fell_back
         assert dirs.log_dir == tmp_path / "fallback" / "logs" and dirs.log_dir.is_dir()
-        err = capsys.readouterr().err
-        assert "/workspace/persistent/analyses/residual_compare/logs is not available" in err
+        assert dirs.describe() == (
+            f"/workspace is not usable (no /workspace volume here): results in "
+            f"{tmp_path / 'fallback'}, logs in {tmp_path / 'fallback' / 'logs'}"
+        )
 
 
 def test_explicit_unwritable_dir_is_an_error_not_a_silent_move(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     cfg = load_config(write_config(tmp_path, [], log_dir=str(blocker / "logs")))
-    with pytest.raises(ConfigError, match="not writable"):
+    with pytest.raises(
+        ConfigError, match=r"not writable: choose another with residual_compare\.log_dir="
+    ):
         resolve_dirs(cfg, fallback=tmp_path / "fallback")
 
 

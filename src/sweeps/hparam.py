@@ -25,13 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from src.config import ConfigError
+from src.config import ConfigError, describe_config_error, describe_parse_error
 from src.sweeps.runner import Task, TaskResult, run_tasks
 from src.utils.atomic_io import atomic_write_bytes
-from src.utils.paths import DEFAULT_PERSISTENT_DIR, REPO_ROOT, resolve_output_dir
+from src.utils.paths import (
+    DEFAULT_PERSISTENT_DIR,
+    LOCAL_FALLBACK_DIR,
+    REPO_ROOT,
+    resolve_persistent_dir,
+)
 from src.utils.run_io import write_json
 
 MAX_RUN_NAME = 120
@@ -84,14 +89,19 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(SweepFile), OmegaConf.load(path))
+        file_cfg = OmegaConf.load(path)
+    except Exception as error:  # YAML syntax
+        raise ConfigError(describe_parse_error(path, error)) from None
+    if not isinstance(file_cfg, DictConfig) or "sweep" not in file_cfg:
+        raise ConfigError(f"{path} has no sweep: section; start from configs/sweep_example.yaml")
+    source = f"{path} + command-line overrides" if overrides else str(path)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(SweepFile), file_cfg)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
         spec = SweepSpec(**OmegaConf.to_container(cfg.sweep, resolve=True))  # type: ignore[arg-type]
     except OmegaConfBaseException as error:
-        raise ConfigError(f"invalid sweep file {path}: {str(error).splitlines()[0]}") from None
-    except Exception as error:  # YAML syntax
-        raise ConfigError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
-    _validate(spec, str(path))
+        raise ConfigError(describe_config_error(error, source)) from None
+    _validate(spec, source)
     return spec
 
 
@@ -111,6 +121,8 @@ def _validate(spec: SweepSpec, source: str) -> None:
         fail(f"sweep.experiment {experiment_path(spec)} does not exist")
     if spec.config is not None and not _repo_path(spec.config).is_file():
         fail(f"sweep.config {_repo_path(spec.config)} does not exist")
+    if any(gpu < 0 for gpu in spec.gpus) or len(set(spec.gpus)) != len(spec.gpus):
+        fail(f"sweep.gpus {spec.gpus} must be distinct GPU indices >= 0, e.g. [0, 1]")
     if spec.method == "random" and spec.num_trials < 1:
         fail("sweep.num_trials must be >= 1 for random search")
     for key, values in spec.parameters.items():
@@ -184,7 +196,9 @@ class SweepPaths:
 
 def sweep_paths(spec: SweepSpec) -> SweepPaths:
     try:
-        output_dir = resolve_output_dir(spec.output_dir)
+        output_dir = resolve_persistent_dir(
+            spec.output_dir, LOCAL_FALLBACK_DIR, "sweep outputs", setting="sweep.output_dir"
+        )
     except PermissionError as error:
         raise ConfigError(str(error)) from None
     return SweepPaths(output_dir, output_dir / "sweeps" / spec.name)
@@ -288,6 +302,12 @@ def run_sweep(
     tasks = build_tasks(spec, trials, paths)
     results = run_tasks(tasks, skip_done=True, dry_run=dry_run, slots=slots, echo=echo)
     rows = summarize(spec, trials, results, paths)
+    finished = [row for row in rows if row["status"].startswith("ok")]
+    if finished and all(row[spec.metric] is None for row in finished):
+        echo(
+            f"[sweep] warning: no finished trial reports sweep.metric '{spec.metric}' in "
+            "test_results.json or training_log.json; the ranking is empty. Check its spelling"
+        )
     if not dry_run:
         write_summary(spec, rows, paths)
     return SweepOutcome(results, rows, paths.summary_dir)

@@ -39,8 +39,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from src.config import EXIT_CONFIG_ERROR, ConfigError, load_config
 from src.sweeps.runner import Task, exit_code, run_tasks, summary_table
-from src.utils.gpu_monitor import check_guardrail, detect_gpus, requirement_from
-from src.utils.paths import LOCAL_FALLBACK_DIR, resolve_persistent_dir
+from src.utils.gpu_monitor import check_guardrail, cuda_index, detect_gpus, requirement_from
+from src.utils.paths import LOCAL_FALLBACK_DIR, fallback_reason, resolve_persistent_dir
 from src.utils.run_io import write_json
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -125,6 +125,12 @@ def select(pairs: list[ModelPair], names: list[str] | None) -> list[ModelPair]:
         return pairs
     known = {pair.name for pair in pairs}
     unknown = [name for name in names if name not in known]
+    overrides = [name for name in unknown if "=" in name]
+    if overrides:  # argparse's --names NAME... swallows key=value written after it
+        raise ConfigError(
+            f"--names got {overrides[0]!r}, which looks like an override: "
+            "put key=value before --names"
+        )
     if unknown:
         raise ConfigError(
             f"unknown --names {', '.join(unknown)}; the inventory has {', '.join(sorted(known))}"
@@ -136,21 +142,38 @@ def select(pairs: list[ModelPair], names: list[str] | None) -> list[ModelPair]:
 class SweepDirs:
     output_dir: Path
     log_dir: Path
+    fell_back: bool = False  # the /workspace defaults were not usable
+
+    def describe(self) -> str:
+        """The one line that says where results and logs go, and why when it fell back."""
+        where = f"results in {self.output_dir}, logs in {self.log_dir}"
+        if self.fell_back:
+            return f"/workspace is not usable ({fallback_reason()}): {where}"
+        return where
 
 
 def resolve_dirs(cfg: DictConfig, fallback: Path = FALLBACK_DIR) -> SweepDirs:
-    """Results and logs dirs; the /workspace defaults fall back to ``fallback`` with one line."""
+    """Absolute results and logs dirs; the /workspace defaults fall back to ``fallback``."""
     section = cfg.residual_compare
     try:
         output_dir = resolve_persistent_dir(
-            section.output_dir, fallback, "residual-compare results"
+            section.output_dir,
+            fallback,
+            "residual-compare results",
+            setting="residual_compare.output_dir",
+            announce=False,
         )
         log_dir = resolve_persistent_dir(
-            section.log_dir, fallback / "logs", "residual-compare logs"
+            section.log_dir,
+            fallback / "logs",
+            "residual-compare logs",
+            setting="residual_compare.log_dir",
+            announce=False,
         )
     except PermissionError as error:
         raise ConfigError(str(error)) from None
-    return SweepDirs(output_dir, log_dir)
+    fell_back = output_dir == fallback or log_dir == fallback / "logs"
+    return SweepDirs(output_dir, log_dir, fell_back)
 
 
 def sweep_tasks(
@@ -206,13 +229,16 @@ def run_residual_sweep(
     Config problems raise ConfigError before anything runs or is written.
     """
     cfg = load_config(config_path, overrides)
-    pairs = select(inventory(cfg, str(config_path)), names)
+    source = f"{config_path} + command-line overrides" if overrides else str(config_path)
+    pairs = select(inventory(cfg, source), names)
     section = cfg.residual_compare
     check = check_guardrail(
-        detect_gpus(), requirement_from(section.required_gpu_names, section.min_gpu_memory_gb)
+        detect_gpus(),
+        requirement_from(section.required_gpu_names, section.min_gpu_memory_gb),
+        cuda_index(section.device),
     )
     if not check.ok and not (force or dry_run):
-        echo(f"[residual] {check.message}")
+        print(f"[residual] {check.message}", file=sys.stderr)
         return EXIT_GUARDRAIL
     if not check.ok:
         echo(
@@ -220,7 +246,7 @@ def run_residual_sweep(
             f"found {check.found.describe()}"
         )
     dirs = resolve_dirs(cfg)
-    echo(f"[residual] results in {dirs.output_dir}, logs in {dirs.log_dir}")
+    echo(f"[residual] {dirs.describe()}")
     tasks = sweep_tasks(pairs, dirs, config_path.resolve(), overrides, new_timestamp())
     results = run_tasks(tasks, skip_done=skip_existing, dry_run=dry_run, echo=echo)
     echo(summary_table(results))
@@ -253,10 +279,9 @@ def _load_model(model_id: str, dtype: str, device: str) -> Any:
     return model.to(device).eval()
 
 
-def _free(model: Any) -> None:
+def _release_gpu_memory() -> None:
     import torch
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -276,7 +301,9 @@ def run_states(
             out = model(input_ids=ids.to(device), output_hidden_states=True)
             hidden.append(torch.stack(out.hidden_states)[:, 0].float().cpu())
             logprobs.append(torch.log_softmax(out.logits[0].float(), dim=-1).cpu())
-    _free(model)
+            del out
+    del model  # the last references: only now can the cache be handed back
+    _release_gpu_memory()
     return hidden, logprobs
 
 

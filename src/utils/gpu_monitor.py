@@ -19,6 +19,7 @@ dataclasses small and the functions pure where possible.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -81,6 +82,27 @@ class GuardrailResult:
     found: GpuInventory = field(default_factory=GpuInventory)
 
 
+def visible_indices(physical: Sequence[tuple[int, str]], setting: str | None) -> list[int]:
+    """Physical indices that ``CUDA_VISIBLE_DEVICES`` exposes, in CUDA's order.
+
+    ``physical`` holds (index, UUID) pairs. The setting lists indices or UUIDs (or UUID
+    prefixes); like CUDA, parsing stops at the first entry that matches nothing. Unset
+    means every device.
+    """
+    if setting is None:
+        return [index for index, _ in physical]
+    chosen: list[int] = []
+    for entry in (part.strip() for part in setting.split(",")):
+        if entry.isdigit():
+            match = next((index for index, _ in physical if index == int(entry)), None)
+        else:
+            match = next((i for i, uuid in physical if entry and uuid.startswith(entry)), None)
+        if match is None or match in chosen:
+            break
+        chosen.append(match)
+    return chosen
+
+
 def _detect_nvml() -> GpuInventory | None:
     try:
         import pynvml
@@ -89,13 +111,16 @@ def _detect_nvml() -> GpuInventory | None:
     except Exception:  # library missing or driver not loaded: not an NVIDIA box for NVML
         return None
     try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        physical = [(i, _text(pynvml.nvmlDeviceGetUUID(h))) for i, h in enumerate(handles)]
+        # NVML sees every card; number the visible ones 0..n-1, as CUDA and torch do.
+        visible = visible_indices(physical, os.environ.get("CUDA_VISIBLE_DEVICES"))
         devices = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else name
+        for cuda_index, physical_index in enumerate(visible):
+            handle = handles[physical_index]
+            name = _text(pynvml.nvmlDeviceGetName(handle))
             total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-            devices.append(GpuDevice(index, name, total / BYTES_PER_GB))
+            devices.append(GpuDevice(cuda_index, name, total / BYTES_PER_GB))
         return GpuInventory(tuple(devices), "nvml")
     except Exception:
         return None
@@ -104,6 +129,10 @@ def _detect_nvml() -> GpuInventory | None:
             pynvml.nvmlShutdown()
         except Exception:
             pass
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _detect_torch() -> GpuInventory | None:
@@ -122,25 +151,48 @@ def _detect_torch() -> GpuInventory | None:
 
 
 def detect_gpus() -> GpuInventory:
-    """GPUs visible to this process (honours ``CUDA_VISIBLE_DEVICES`` only via torch)."""
+    """GPUs visible to this process (``CUDA_VISIBLE_DEVICES`` honoured), numbered as CUDA does."""
     return _detect_nvml() or _detect_torch() or GpuInventory()
 
 
+def cuda_index(device: str) -> int | None:
+    """``cuda:N`` -> N, ``cuda`` -> 0, anything else (``cpu``) -> None."""
+    if device == "cuda":
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    return None
+
+
 def check_guardrail(
-    inventory: GpuInventory, requirement: GpuRequirement | None = None
+    inventory: GpuInventory,
+    requirement: GpuRequirement | None = None,
+    device_index: int | None = None,
 ) -> GuardrailResult:
-    """OK if any visible GPU meets ``requirement``; else a message naming what was found."""
+    """OK if the GPU the job will use meets ``requirement``; else a message naming what was found.
+
+    ``device_index`` (the N of ``cuda:N``): only that GPU counts, so a big card elsewhere on
+    the box cannot wave a job through onto a small one. None: any visible GPU will do.
+    """
     requirement = requirement or GpuRequirement()
     wanted = [name.lower() for name in requirement.names]
-    for device in inventory.devices:
+    candidates = inventory.devices
+    if device_index is not None:
+        candidates = tuple(d for d in inventory.devices if d.index == device_index)
+    for device in candidates:
         name_ok = not wanted or any(name in device.name.lower() for name in wanted)
         if name_ok and device.memory_total_gb >= requirement.min_memory_gb:
             return GuardrailResult(
                 True, f"GPU OK: {device.name} ({device.memory_total_gb:.1f} GB)", inventory
             )
+    found = inventory.describe()
+    if device_index is not None and inventory.devices:
+        chosen = candidates[0] if candidates else None
+        which = f"{chosen.name} ({chosen.memory_total_gb:.1f} GB)" if chosen else "no such GPU"
+        found = f"{which} as cuda:{device_index} (of {found})"
     return GuardrailResult(
         False,
-        f"refusing to start: found {inventory.describe()}, need {requirement.describe()}; "
+        f"refusing to start: found {found}, need {requirement.describe()}; "
         "pass --force to run anyway",
         inventory,
     )

@@ -15,6 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 VOLUME_ROOT = Path("/workspace")
 DEFAULT_PERSISTENT_DIR = "/workspace/persistent"
 LOCAL_FALLBACK_DIR = REPO_ROOT / "outputs"
+_announced_fallbacks: set[tuple[Path, Path]] = set()  # say each fallback once per process
 
 
 def is_writable_dir(path: Path) -> bool:
@@ -30,29 +31,40 @@ def resolve_persistent_dir(
     requested: str | os.PathLike[str],
     fallback: Path,
     what: str = "outputs",
+    setting: str = "paths.output_dir",
+    announce: bool = True,
 ) -> Path:
-    """Return ``requested`` if usable, else ``fallback`` when ``requested`` is the Vast.ai default.
+    """Return ``requested`` if usable, else ``fallback`` when ``requested`` is on /workspace.
 
-    Only the default location falls back: a directory the user named explicitly that
-    cannot be written is an error (raised as ``PermissionError``), never silently moved.
+    Only the /workspace location falls back: a directory the user named explicitly that
+    cannot be written is an error (``PermissionError`` naming ``setting``), never silently
+    moved. The result is absolute, so child processes started elsewhere agree on it.
+    ``announce=False``: the caller reports the fallback itself (``fallback_reason``).
     """
-    requested_path = Path(requested).expanduser()
+    requested_path = Path(os.path.abspath(Path(requested).expanduser()))
     on_volume = requested_path == VOLUME_ROOT or VOLUME_ROOT in requested_path.parents
     # Never create /workspace itself: its absence means "not on a Vast.ai-style box".
     if (not on_volume or VOLUME_ROOT.is_dir()) and is_writable_dir(requested_path):
         return requested_path
     if on_volume:
-        print(
-            f"[paths] {requested_path} is not available (no /workspace volume here); "
-            f"writing {what} to {fallback}",
-            file=sys.stderr,
-        )
+        if announce and (requested_path, fallback) not in _announced_fallbacks:
+            _announced_fallbacks.add((requested_path, fallback))
+            print(
+                f"[paths] {requested_path} is not available ({fallback_reason()}); "
+                f"writing {what} to {fallback}",
+                file=sys.stderr,
+            )
         fallback.mkdir(parents=True, exist_ok=True)
         return fallback
     raise PermissionError(
         f"{what} directory {requested_path} is not writable: "
-        f"choose another with paths.output_dir=/some/writable/dir"
+        f"choose another with {setting}=/some/writable/dir"
     )
+
+
+def fallback_reason() -> str:
+    """Why a /workspace path was not used, in a few words."""
+    return "not writable" if VOLUME_ROOT.is_dir() else "no /workspace volume here"
 
 
 def resolve_output_dir(requested: str | os.PathLike[str] = DEFAULT_PERSISTENT_DIR) -> Path:

@@ -1,8 +1,8 @@
 """Tiny causal LMs and a word-level tokenizer, built locally: no Hub, no downloads.
 
-``build_tiny_model(dir, seed)`` saves a 2-block Llama (hidden size 16) plus tokenizer that
-``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained(dir)`` load like any real
-checkpoint; different seeds give the same architecture with different weights.
+``build_tiny_model(dir, seed)`` builds a 2-block Llama (hidden size 16) from ``AutoConfig``
+and saves it with a tokenizer that ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained``
+load like any real checkpoint; different seeds give the same architecture with different weights.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ def build_tokenizer():
 
 def build_tiny_model(directory: Path, seed: int) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        "llama",
         vocab_size=len(tokenizer),
         hidden_size=16,
         intermediate_size=32,
@@ -41,7 +42,7 @@ def build_tiny_model(directory: Path, seed: int) -> Path:
         max_position_embeddings=64,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

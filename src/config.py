@@ -163,11 +163,11 @@ def _env_flag(name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={value!r} is not a boolean: use {name}=True or {name}=False")
 
 
-def load_dotenv_file() -> None:
-    """Load ``.env`` from the repo root without overriding the real environment."""
+def load_dotenv_file(dotenv_path: Path | None = None) -> None:
+    """Load ``.env`` (the repo root's by default) without overriding the real environment."""
     from dotenv import load_dotenv
 
-    load_dotenv(REPO_ROOT / ".env", override=False)
+    load_dotenv(dotenv_path or REPO_ROOT / ".env", override=False)
 
 
 def default_config_path() -> Path:
@@ -218,20 +218,71 @@ def load_config(
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
     except OmegaConfBaseException as error:
-        raise ConfigError(describe_config_error(error, "the command-line overrides")) from None
+        source = f"the command-line overrides (on {path})"
+        message = describe_config_error(error, source)
+        # omegaconf names the first unknown level ('nosuch'); show the key as typed.
+        reported = getattr(error, "full_key", None)
+        typed = [o.split("=", 1)[0] for o in overrides or []]
+        full = next((k for k in typed if reported and k.startswith(f"{reported}.")), None)
+        if full is not None:
+            message = message.replace(f"'{reported}'", f"'{full}'", 1)
+        raise ConfigError(message) from None
     validate(cfg, f"{path} + command-line overrides" if overrides else str(path))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
+def _is_signal_name(name: str) -> bool:
+    from src.utils.signals import parse_signals
+
+    try:
+        parse_signals([name])
+    except ValueError:
+        return False
+    return True
+
+
+def _train_split_size(data: DictConfig) -> int:
+    """Samples left for training after src/data/synthetic.py's split (at least 1 val, 1 test)."""
+    held_out = max(1, int(data.num_samples * data.val_fraction))
+    held_out += max(1, int(data.num_samples * data.test_fraction))
+    return data.num_samples - held_out
+
+
 def validate(cfg: DictConfig, source: str) -> None:
-    """Checks the type system can't express (ranges, choices)."""
+    """Checks the type system can't express (ranges, choices); no torch needed."""
+    trainer, data, model, optim = cfg.trainer, cfg.data, cfg.model, cfg.optim
     checks = [
-        ("trainer.precision", cfg.trainer.precision in {"fp32", "bf16", "fp16"}, "fp32|bf16|fp16"),
-        ("trainer.grad_accum_steps", cfg.trainer.grad_accum_steps >= 1, "an integer >= 1"),
-        ("trainer.max_epochs", cfg.trainer.max_epochs >= 1, "an integer >= 1"),
-        ("data.batch_size", cfg.data.batch_size >= 1, "an integer >= 1"),
-        ("data.num_workers", cfg.data.num_workers >= 0, "an integer >= 0"),
+        ("trainer.precision", trainer.precision in {"fp32", "bf16", "fp16"}, "fp32|bf16|fp16"),
+        ("trainer.grad_accum_steps", trainer.grad_accum_steps >= 1, "an integer >= 1"),
+        ("trainer.max_epochs", trainer.max_epochs >= 1, "an integer >= 1"),
+        ("trainer.max_steps", trainer.max_steps == -1 or trainer.max_steps >= 1, "-1 or >= 1"),
+        ("trainer.log_every_n_steps", trainer.log_every_n_steps >= 1, "an integer >= 1"),
+        ("trainer.grad_clip_norm", trainer.grad_clip_norm >= 0, "a number >= 0 (0: off)"),
+        ("trainer.early_stopping_patience", trainer.early_stopping_patience >= 0, ">= 0"),
+        (
+            "trainer.device",
+            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", trainer.device) is not None,
+            "auto, cpu, cuda or cuda:N",
+        ),
+        (
+            "trainer.extra_stop_signal",
+            trainer.extra_stop_signal == "" or _is_signal_name(trainer.extra_stop_signal),
+            'a signal name such as SIGUSR1, or "" for none',
+        ),
+        ("data.batch_size", data.batch_size >= 1, "an integer >= 1"),
+        ("data.num_workers", data.num_workers >= 0, "an integer >= 0"),
+        ("data.num_features", data.num_features >= 1, "an integer >= 1"),
+        ("data.num_classes", data.num_classes >= 2, "an integer >= 2"),
+        ("data.val_fraction", 0 < data.val_fraction + data.test_fraction < 1, "val+test < 1"),
+        ("data.num_samples", _train_split_size(data) >= 1, "enough for train, val and test"),
+        ("model.hidden_dim", model.hidden_dim >= 1, "an integer >= 1"),
+        ("model.num_layers", model.num_layers >= 1, "an integer >= 1"),
+        ("model.dropout", 0 <= model.dropout < 1, "a number in [0, 1)"),
+        ("optim.lr", optim.lr > 0, "a number > 0"),
+        ("optim.weight_decay", optim.weight_decay >= 0, "a number >= 0"),
+        ("optim.warmup_steps", optim.warmup_steps >= 0, "an integer >= 0"),
+        ("optim.min_lr_ratio", 0 <= optim.min_lr_ratio <= 1, "a number in [0, 1]"),
         ("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps >= 1, "an integer >= 1"),
         ("checkpoint.keep_last_n", cfg.checkpoint.keep_last_n >= 1, "an integer >= 1"),
         (
@@ -245,12 +296,59 @@ def validate(cfg: DictConfig, source: str) -> None:
             "offline|online|disabled",
         ),
     ]
-    fractions = cfg.data.val_fraction + cfg.data.test_fraction
-    checks.append(("data.val_fraction", 0 < fractions < 1, "fractions with val+test < 1"))
     for key, ok, expected in checks:
         if not ok:
             value = OmegaConf.select(cfg, key)
             raise ConfigError(f"bad value for '{key}' in {source}: {value!r}, expected {expected}")
+
+
+# Settings a checkpoint is only valid with: change one and "resume" silently trains something
+# else (a new batch size shifts the position in the epoch; a new lr is overridden by the
+# optimizer state). Length (max_epochs, max_steps), logging, checkpointing, paths, device,
+# precision and num_workers may change between runs.
+RESUME_SETTINGS = ("seed", "data", "model", "optim", "trainer.grad_accum_steps")
+RESUME_SETTINGS_IGNORED = frozenset({"data.num_workers"})
+
+
+def resume_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The flat ``{dotted.key: value}`` of RESUME_SETTINGS, stored with every checkpoint."""
+    flat: dict[str, Any] = {}
+
+    def add(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                add(f"{prefix}.{key}", item)
+        elif prefix not in RESUME_SETTINGS_IGNORED:
+            flat[prefix] = value
+
+    for key in RESUME_SETTINGS:
+        add(key, _select_plain(cfg, key))
+    return flat
+
+
+def _select_plain(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def check_runtime(cfg: DictConfig) -> None:
+    """What only this machine can answer: is the model known, is the requested GPU here."""
+    import torch
+
+    from src.models import MODEL_BUILDERS
+
+    if cfg.model.name not in MODEL_BUILDERS:
+        known = ", ".join(sorted(MODEL_BUILDERS))
+        raise ConfigError(f"unknown model.name {cfg.model.name!r}: choose one of {known}")
+    device = cfg.trainer.device
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            raise ConfigError(
+                f"trainer.device={device} but this machine has {count} CUDA GPU(s): "
+                "use trainer.device=auto (GPU if there is one, else CPU) or cpu"
+            )
 
 
 def check_output_dir(cfg: DictConfig) -> None:
@@ -258,9 +356,13 @@ def check_output_dir(cfg: DictConfig) -> None:
     from src.utils.paths import resolve_output_dir
 
     try:
-        resolve_output_dir(cfg.paths.output_dir)
+        run_dir = resolve_output_dir(cfg.paths.output_dir) / cfg.run_name
     except PermissionError as error:
         raise ConfigError(str(error)) from None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(
+            f"run directory {run_dir} exists but is a file: choose another run_name or move it"
+        )
 
 
 def in_notebook() -> bool:
@@ -305,7 +407,11 @@ def load_experiment_config(argv: list[str] | None = None) -> DictConfig:
     try:
         config_path, overrides = parse_cli(argv)
         cfg = load_config(config_path, overrides)
+        check_runtime(cfg)
         check_output_dir(cfg)
+        from src.utils.run_io import check_resume_settings
+
+        check_resume_settings(cfg)
         return cfg
     except ConfigError as error:
         if notebook:
@@ -330,6 +436,29 @@ def redact_secrets(value: Any) -> Any:
     return value
 
 
+def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+    """Values of secret-looking environment variables (AWS_SECRET_ACCESS_KEY, *_TOKEN...)."""
+    environ = dict(os.environ) if environ is None else environ
+    values = {v for k, v in environ.items() if SECRET_KEY_PATTERN.search(k) and len(v) >= 6}
+    return sorted(values, key=len, reverse=True)  # longest first: no partial leftovers
+
+
+def scrub_secret_values(value: Any, secrets: list[str]) -> Any:
+    """Copy with every occurrence of a secret value replaced, at any depth."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {key: scrub_secret_values(item, secrets) for key, item in value.items()}
+    if isinstance(value, list):
+        return [scrub_secret_values(item, secrets) for item in value]
+    return value
+
+
 def to_plain_dict(cfg: DictConfig) -> dict[str, Any]:
-    """Resolved config as a plain dict with secrets redacted: safe for config.json and W&B."""
-    return redact_secrets(OmegaConf.to_container(cfg, resolve=True))
+    """Resolved config as a plain dict, safe for config.json and W&B: values under
+    secret-looking keys are redacted, and so is any secret from the environment that an
+    interpolation such as ``${oc.env:AWS_SECRET_ACCESS_KEY}`` copied into another value."""
+    plain = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
+    return scrub_secret_values(plain, secret_values())

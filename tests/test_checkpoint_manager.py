@@ -155,3 +155,40 @@ def test_sigkill_mid_write_leaves_a_loadable_checkpoint(tmp_path: Path, mode: st
         state, info = loaded
         assert state["step"] == info.step
         assert torch.equal(state["weights"], torch.full((2_000_000,), float(info.step)))
+
+
+EXIT_WITHOUT_WAIT_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from src.utils.checkpoint_manager import CheckpointManager
+    manager = CheckpointManager(sys.argv[1], async_save=True)
+    manager.save({"weights": torch.full((4_000_000,), 7.0)}, 7)  # 16 MB, written in background
+    print("returned", flush=True)
+    # no wait(), no close(): the interpreter exits with the write in flight
+    """
+)
+
+
+def test_pending_async_write_is_flushed_at_interpreter_exit(tmp_path: Path) -> None:
+    repo_root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITHOUT_WAIT_SCRIPT, str(tmp_path)],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "returned", done.stderr
+    state, info = CheckpointManager(tmp_path).load_latest()
+    assert info.step == 7 and torch.equal(state["weights"], torch.full((4_000_000,), 7.0))
+
+
+def test_failed_write_prunes_nothing(tmp_path: Path) -> None:
+    """Old checkpoints are removed only after the new one is complete."""
+    manager = CheckpointManager(tmp_path, keep_last_n=1, async_save=False)
+    manager.save(state_for(1), 1)
+    with pytest.raises(Exception):  # noqa: B017 - pickling a lambda fails inside torch.save
+        manager.save({"value": lambda: None}, 2)
+    assert [info.step for info in manager.list_checkpoints()] == [1]
+    assert manager.load_latest()[1].step == 1
+    assert not list(tmp_path.glob(".*.tmp")), "the temp file of the failed write is removed"

@@ -11,8 +11,11 @@ from src.config import (
     PROD_CONFIG,
     REDACTED,
     ConfigError,
+    default_config_path,
     load_config,
+    load_dotenv_file,
     redact_secrets,
+    to_plain_dict,
 )
 from tests.support.experiment import experiment_env, run_experiment
 
@@ -58,6 +61,36 @@ def test_bad_file_names_the_key_and_file(tmp_path: Path) -> None:
         load_config(config)
 
 
+def test_dev_mode_from_dotenv_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("DEV_MODE=False\n")
+    monkeypatch.setenv("DEV_MODE", "x")  # remembered, so teardown removes what .env sets
+    monkeypatch.delenv("DEV_MODE")
+    load_dotenv_file(dotenv)
+    assert default_config_path() == PROD_CONFIG
+    monkeypatch.setenv("DEV_MODE", "True")
+    load_dotenv_file(dotenv)
+    assert default_config_path() == DEV_CONFIG
+
+
+def test_secret_copied_by_interpolation_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-Zq8mN3pX")
+    monkeypatch.setenv("HF_TOKEN", "hf_token_value_123")
+    cfg = load_config(
+        DEV_CONFIG,
+        [
+            "residual_compare.output_dir=/x/${oc.env:AWS_SECRET_ACCESS_KEY}/y",
+            "logging.wandb_project=${oc.env:HF_TOKEN}",
+        ],
+    )
+    plain = to_plain_dict(cfg)
+    assert plain["residual_compare"]["output_dir"] == f"/x/{REDACTED}/y"
+    assert plain["logging"]["wandb_project"] == REDACTED
+    assert "aws-secret" not in str(plain) and "hf_token_value" not in str(plain)
+
+
 def test_redaction() -> None:
     data = {"api_key": "abc", "nested": {"aws_secret_access_key": "x", "lr": 0.1}, "token": ""}
     assert redact_secrets(data) == {
@@ -75,6 +108,14 @@ def test_redaction() -> None:
         (["--config", "configs/missing.yaml"], "config file not found: configs/missing.yaml"),
         (["--frobnicate"], "unknown option --frobnicate"),
         (["paths.output_dir=/proc/not-writable"], "is not writable"),
+        (["trainer.log_every_n_steps=0"], "'trainer.log_every_n_steps'"),
+        (["trainer.extra_stop_signal=SIGFOO"], "'trainer.extra_stop_signal'"),
+        (["trainer.device=tpu"], "'trainer.device'"),
+        (["trainer.device=cuda:99"], "trainer.device=cuda:99 but this machine has"),
+        (["model.name=resnet"], "unknown model.name 'resnet': choose one of mlp"),
+        (["optim.lr=-1"], "'optim.lr'"),
+        (["data.num_samples=0"], "'data.num_samples'"),
+        (["model.dropout=1.5"], "'model.dropout'"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(
@@ -82,9 +123,37 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(
 ) -> None:
     output_dir = tmp_path / "outputs"
     full_args = [f"paths.output_dir={output_dir}", "run_name=bad", *args]
-    result = run_experiment(full_args, env=experiment_env(), timeout=60)
-    assert result.returncode == 2
+    assert_one_line_config_error(full_args, message)
+    assert not (output_dir / "bad").exists()
+
+
+def assert_one_line_config_error(args: list[str], message: str) -> None:
+    result = run_experiment(args, env=experiment_env(), timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(error_lines) == 1, result.stderr
     assert error_lines[0].startswith("config error: ") and message in error_lines[0]
-    assert not (output_dir / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("trainer:\n  bogus: 1\n", "unknown config key 'trainer.bogus' in "),
+        ("data:\n  batch_size: many\n", "bad value for 'data.batch_size' in "),
+        ("data: {batch_size: [1\n", "cannot parse "),
+    ],
+)
+def test_bad_yaml_file_from_the_cli(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "mine.yaml"
+    config.write_text(text)
+    output_dir = tmp_path / "outputs"
+    args = ["--config", str(config), f"paths.output_dir={output_dir}"]
+    assert_one_line_config_error(args, message)
+    assert not output_dir.exists() or not any(output_dir.iterdir())
+
+
+def test_run_directory_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a directory")
+    args = [f"paths.output_dir={tmp_path}", "run_name=taken"]
+    assert_one_line_config_error(args, "exists but is a file")
+    assert (tmp_path / "taken").read_text() == "not a directory"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -13,7 +14,10 @@ FAKE_SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "aws-secret-Zq8mN3pX",
     "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID12345",
     "VASTAI_API_KEY": "vast-key-Hj4kL9wQ",
+    "WANDB_API_KEY": "wandb-key-0123456789abcdef0123456789abcdef01234567",
 }
+# tqdm's bar: "309/309 [00:04<00:00, 70.12step/s" (steps, elapsed<ETA, rate)
+PROGRESS_BAR = re.compile(r"\d+/\d+ \[[\d:]+<[\d:]+, +[\d.]+step/s")
 
 
 def scalar_steps(run_dir: Path, tag: str) -> list[int]:
@@ -36,6 +40,8 @@ def test_run_outputs_tensorboard_and_resume_without_duplicate_steps(tmp_path: Pa
     interrupt_at_step(args, run_dir, 150)
     result = run_experiment(args)
     assert result.returncode == 0, result.stderr
+    assert PROGRESS_BAR.search(result.stderr), result.stderr[-500:]
+    assert "ETA" in result.stdout  # the per-epoch summary line
 
     for name in ("best_model.pt", "final_model.pt", "config.json", "training_log.json"):
         assert (run_dir / name).is_file(), name
@@ -52,7 +58,13 @@ def test_run_outputs_tensorboard_and_resume_without_duplicate_steps(tmp_path: Pa
 
 
 def test_wandb_offline_and_no_secret_anywhere(tmp_path: Path) -> None:
-    args = [f"paths.output_dir={tmp_path}", "run_name=secret", "logging.wandb=true"]
+    args = [
+        f"paths.output_dir={tmp_path}",
+        "run_name=secret",
+        "logging.wandb=true",
+        # A config value that copies a secret in: it must be redacted wherever it lands.
+        "residual_compare.output_dir=/data/${oc.env:AWS_SECRET_ACCESS_KEY}",
+    ]
     result = run_experiment(args, env=experiment_env(**FAKE_SECRETS))
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "secret"

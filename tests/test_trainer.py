@@ -146,15 +146,32 @@ def test_lr_schedule_is_a_pure_function_of_the_step() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_and_resumes_on_cuda(tmp_path: Path, precision: str) -> None:
-    trainer, test_set = make_trainer(
-        tmp_path, "run_name=cuda", f"trainer.precision={precision}", "trainer.device=cuda"
-    )
+    """Stop mid-run; the resumed trainer gets the grad scaler and the CUDA RNG back."""
+    args = ("run_name=cuda", f"trainer.precision={precision}", "trainer.device=cuda")
+    trainer, _ = make_trainer(tmp_path, *args)
     assert trainer.device.type == "cuda"
-    result = trainer.fit()
-    assert result.status in {"completed", "early_stopped"}
-    assert trainer.test(test_set)["test_accuracy"] > 0.5
-    checkpoint = torch.load(trainer.checkpoints.latest_path(), weights_only=True)
-    assert "torch_cuda" in checkpoint["rng"][0]
+    original_step = trainer._optimizer_step
+
+    def step_then_signal() -> None:
+        original_step()
+        if trainer.state.global_step == 20:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer._optimizer_step = step_then_signal
+    assert trainer.fit().interrupted
+    saved = torch.load(trainer.checkpoints.latest_path(), weights_only=True)
+    assert saved["trainer"]["global_step"] == 20 and "torch_cuda" in saved["rng"][0]
+    if precision == "fp16":
+        assert saved["scaler"]["scale"] > 0  # a live scaler, not an empty state
+
+    resumed, test_set = make_trainer(tmp_path, *args)
+    assert resumed._resume() == 20
+    assert resumed.scaler.state_dict() == saved["scaler"]
+    assert torch.equal(torch.cuda.get_rng_state(), saved["rng"][0]["torch_cuda"][0].cpu())
+    finished, _ = make_trainer(tmp_path, *args)
+    result = finished.fit()
+    assert result.status in {"completed", "early_stopped"} and result.global_step > 20
+    assert finished.test(test_set)["test_accuracy"] > 0.5
 
 
 def test_epoch_line_shows_cost_when_the_hourly_rate_is_known(

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from src.config import resume_settings
 from src.data.resumable_sampler import ResumableSampler
 from src.utils.checkpoint_manager import CheckpointManager, atomic_torch_save
 from src.utils.distributed import (
@@ -153,6 +154,7 @@ class InterruptibleTrainer:
             is_writer=self.dist.is_main,
         )
         self.state = TrainState()
+        self._resume_settings = resume_settings(cfg)
         self._last_tick = time.perf_counter()
         # Running sums for the epoch's mean train loss, kept on the device (no sync per step).
         self._epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -371,7 +373,11 @@ class InterruptibleTrainer:
             self.state.global_step,
             blocking=blocking,
             is_best=is_best,
-            metadata={"epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch},
+            metadata={
+                "epoch": self.state.epoch,
+                "batch_in_epoch": self.state.batch_in_epoch,
+                "resume_settings": self._resume_settings,  # checked before a re-run resumes
+            },
             best_model_path=self.run_dir / "best_model.pt" if is_best else None,
         )
 

@@ -251,23 +251,7 @@ class CheckpointManager:
 
     def list_checkpoints(self) -> list[CheckpointInfo]:
         """Checkpoints whose sidecar exists, newest first (content not verified here)."""
-        infos = []
-        for sidecar in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*.json"):
-            try:
-                record = json.loads(sidecar.read_text())
-                infos.append(
-                    CheckpointInfo(
-                        step=int(record["step"]),
-                        path=self.checkpoint_dir / record["file"],
-                        sha256=record["sha256"],
-                        size=int(record["size"]),
-                        is_best=bool(record.get("is_best", False)),
-                        metadata=record.get("metadata", {}),
-                    )
-                )
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                _warn(f"ignoring unreadable checkpoint sidecar {sidecar.name}: {error}")
-        return sorted(infos, key=lambda info: info.step, reverse=True)
+        return read_checkpoint_infos(self.checkpoint_dir)
 
     def _prune(self) -> None:
         infos = self.list_checkpoints()
@@ -320,6 +304,30 @@ class CheckpointManager:
                     problem = f"cannot load ({type(error).__name__}: {error})"
             _warn(f"skipping checkpoint {info.path.name}: {problem}; trying the previous one")
         return None
+
+
+def read_checkpoint_infos(checkpoint_dir: Path) -> list[CheckpointInfo]:
+    """The committed checkpoints (sidecar present) in ``checkpoint_dir``, newest first.
+
+    Reads only the small JSON sidecars: cheap, and safe before any manager exists.
+    """
+    infos = []
+    for sidecar in Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*.json"):
+        try:
+            record = json.loads(sidecar.read_text())
+            infos.append(
+                CheckpointInfo(
+                    step=int(record["step"]),
+                    path=sidecar.parent / record["file"],
+                    sha256=record["sha256"],
+                    size=int(record["size"]),
+                    is_best=bool(record.get("is_best", False)),
+                    metadata=record.get("metadata", {}),
+                )
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            _warn(f"ignoring unreadable checkpoint sidecar {sidecar.name}: {error}")
+    return sorted(infos, key=lambda info: info.step, reverse=True)
 
 
 def _flush_at_exit(manager_ref: weakref.ref) -> None:

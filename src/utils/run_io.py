@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from src.config import to_plain_dict
+from src.config import ConfigError, resume_settings, to_plain_dict
 from src.utils.atomic_io import atomic_write_bytes
 from src.utils.paths import resolve_output_dir
 
@@ -42,3 +42,27 @@ def prepare_run_dir(cfg: DictConfig, is_main: bool = True) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", to_plain_dict(cfg))
     return run_dir
+
+
+def check_resume_settings(cfg: DictConfig) -> None:
+    """Refuse to resume a run whose newest checkpoint was made with other RESUME_SETTINGS.
+
+    Called before anything is written, so a mistyped override costs a one-line error
+    instead of a run that silently trains something else from the old weights.
+    """
+    from src.utils.checkpoint_manager import read_checkpoint_infos
+
+    run_dir = run_dir_for(cfg)
+    infos = read_checkpoint_infos(run_dir / "checkpoints")
+    saved = infos[0].metadata.get("resume_settings") if infos else None
+    if not isinstance(saved, dict):
+        return  # a new run, or checkpoints from before settings were recorded
+    now = resume_settings(cfg)
+    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+    if changed:
+        diffs = ", ".join(f"{key}={saved.get(key)!r} (now {now.get(key)!r})" for key in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"run '{cfg.run_name}' in {run_dir} was checkpointed with {diffs}{more}: "
+            "resume with the same settings, or start fresh with a new run_name"
+        )

@@ -2,7 +2,8 @@
 
 The handler does no I/O beyond one line and never raises, so a signal that lands
 mid-step (or mid checkpoint write) cannot corrupt anything: the loop finishes the
-step, saves, and exits with EXIT_INTERRUPTED. A second Ctrl-C aborts at once.
+step, saves, and exits with EXIT_INTERRUPTED. A second Ctrl-C aborts at once
+(EXIT_ABORTED) without saving; the previous checkpoint stays valid.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import NoReturn
 # EX_TEMPFAIL from sysexits.h: "temporary failure, retry later". Distinct from
 # success (0), crashes (1), config errors (2) and death by signal (128+N).
 EXIT_INTERRUPTED = 75
+# A second Ctrl-C: the shell's code for "ended by SIGINT". Nothing new was saved; the last
+# complete checkpoint stays (writes are atomic), so a re-run resumes from it.
+EXIT_ABORTED = 130
 
 
 def parse_signals(names: Iterable[str]) -> list[signal.Signals]:
@@ -60,7 +64,17 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.requested and signum == signal.SIGINT:
             self.restore()
-            raise KeyboardInterrupt
+            if "ipykernel" in sys.modules:  # a kernel interrupt: stop the cell, keep the kernel
+                raise KeyboardInterrupt
+            message = (
+                "\n[trainer] second Ctrl-C: aborted without saving; the last complete "
+                "checkpoint is kept and a re-run resumes from it\n"
+            )
+            os.write(2, message.encode())
+            # Not an exception: one raised inside torch.save ends in two chained tracebacks.
+            # Atomic writes mean a half-written temp file is all that can be left; the next
+            # start removes it.
+            os._exit(EXIT_ABORTED)
         self.requested = True
         self.signal_name = name
         hint = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""

@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from src.data.splits import split_sizes
 from src.utils.paths import DEFAULT_PERSISTENT_DIR, REPO_ROOT
 
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -242,13 +243,6 @@ def _is_signal_name(name: str) -> bool:
     return True
 
 
-def _train_split_size(data: DictConfig) -> int:
-    """Samples left for training after src/data/synthetic.py's split (at least 1 val, 1 test)."""
-    held_out = max(1, int(data.num_samples * data.val_fraction))
-    held_out += max(1, int(data.num_samples * data.test_fraction))
-    return data.num_samples - held_out
-
-
 def validate(cfg: DictConfig, source: str) -> None:
     """Checks the type system can't express (ranges, choices); no torch needed."""
     trainer, data, model, optim = cfg.trainer, cfg.data, cfg.model, cfg.optim
@@ -275,7 +269,11 @@ def validate(cfg: DictConfig, source: str) -> None:
         ("data.num_features", data.num_features >= 1, "an integer >= 1"),
         ("data.num_classes", data.num_classes >= 2, "an integer >= 2"),
         ("data.val_fraction", 0 < data.val_fraction + data.test_fraction < 1, "val+test < 1"),
-        ("data.num_samples", _train_split_size(data) >= 1, "enough for train, val and test"),
+        (
+            "data.num_samples",
+            split_sizes(data.num_samples, data.val_fraction, data.test_fraction)[0] >= 1,
+            "enough for train, val and test",
+        ),
         ("model.hidden_dim", model.hidden_dim >= 1, "an integer >= 1"),
         ("model.num_layers", model.num_layers >= 1, "an integer >= 1"),
         ("model.dropout", 0 <= model.dropout < 1, "a number in [0, 1)"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Subset, TensorDataset
 
+from src.data.splits import split_sizes
+
 
 def make_classification(
     num_samples: int, num_features: int, num_classes: int, noise: float, seed: int
@@ -25,8 +27,7 @@ def split(
 ) -> tuple[Subset, Subset, Subset]:
     """Deterministic train/val/test split."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 1))
-    num_val = max(1, int(len(dataset) * val_fraction))
-    num_test = max(1, int(len(dataset) * test_fraction))
+    _, num_val, num_test = split_sizes(len(dataset), val_fraction, test_fraction)
     val_idx = order[:num_val].tolist()
     test_idx = order[num_val : num_val + num_test].tolist()
     train_idx = order[num_val + num_test :].tolist()

@@ -5,10 +5,12 @@
     python scripts/launch_vast.py search --gpu "RTX 4090" --max-price 0.6 --min-disk 100
     python scripts/launch_vast.py create OFFER_ID --disk 100 [--bid 0.3] [--wait]
     python scripts/launch_vast.py ssh-config ID [--alias NAME]
-    python scripts/launch_vast.py destroy ID [--force]     # refused until outputs are verified
+    python scripts/launch_vast.py destroy ID [--remote-dir DIR] [--force]   # refused until
+                                             # DIR (SYNC_REMOTE_DIR) is synced and verified
     python scripts/launch_vast.py stop ID | start ID
 
-The API key comes from VASTAI_API_KEY (environment or .env) or the vastai CLI's key file.
+The API key comes from VASTAI_API_KEY / VAST_API_KEY (environment or .env) or the vastai
+CLI's key file.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@
 # HOST is an ~/.ssh/config alias (see `launch_vast.py ssh-config`) or user@host.
 # S3_BUCKET (+ S3_PREFIX, S3_ENDPOINT_URL) set: the verified files are uploaded too.
 # SYNC_SSH_OPTS adds ssh options (e.g. "-i ~/.ssh/vast_ed25519").
+# Symlinks on the instance are followed (their files come home and are verified).
 # Stages and exit codes: connect 10, transfer 11, verify 12, upload 13; bad arguments 2.
 # The logic lives in src/utils/sync.py (docs/vast_and_sync.md).
 set -euo pipefail

@@ -14,6 +14,7 @@ import pytest
 
 from src.vast import cli
 from tests.support.fake_vast_server import API_KEY, Canned, FakeVast, running_fake_vast
+from tests.support.sshd import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--retries", "3", "--retry-delay", "0.01"]
@@ -25,6 +26,7 @@ def vast_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeVa
         monkeypatch.setenv("VASTAI_API_KEY", API_KEY)
         monkeypatch.setenv("VAST_URL", fake.url)
         monkeypatch.setenv("SYNC_MANIFEST_DIR", str(tmp_path / "manifests"))
+        monkeypatch.setenv("SYNC_DOTENV", str(tmp_path / "no.env"))  # not the developer's .env
         yield fake
 
 
@@ -42,12 +44,18 @@ def test_status_shows_active_instances_with_ssh_commands(vast_env: FakeVast, cap
     assert "ssh -p 20022 root@203.0.113.7 -L 8080:localhost:6006" in out  # direct
     assert "ssh -p 31101 root@ssh5.vast.ai -L 8080:localhost:6006" in out  # proxy too
     assert "provisioning" in out and "RTX 4090 x 2" in out
-    assert "1 stopped instance(s) hidden" in out
+    assert "1 instance(s) not running (stopped, exited or offline) hidden" in out
 
 
-def test_status_all_includes_stopped(vast_env: FakeVast, capsys) -> None:
+def test_status_all_includes_stopped_without_an_ssh_command(vast_env: FakeVast, capsys) -> None:
+    vast_env.instances[102]["actual_status"] = "exited"
     code, out, _ = run_cli(capsys, "status", "--all")
-    assert code == 0 and "old-run" in out and "stopped" in out
+    assert code == 0 and "old-run" in out and "stopped" in out and "exited" in out
+    assert "(not running)" in out
+    assert "31103" not in out and "31102" not in out  # nothing to copy that cannot connect
+    assert "ssh -p 20022 root@203.0.113.7" in out  # the running one keeps its command
+    code, out, _ = run_cli(capsys, "status")
+    assert "2 instance(s) not running" in out
 
 
 def test_status_json(vast_env: FakeVast, capsys) -> None:
@@ -92,11 +100,11 @@ def test_status_500_forever_is_bounded(vast_env: FakeVast, capsys) -> None:
 
 def test_status_connection_refused_and_timeout(vast_env: FakeVast, capsys, monkeypatch) -> None:
     vast_env.failures.append(Canned(200, {"instances": []}, delay_s=0.5, times=None))
-    code, _, err = run_cli(capsys, "--http-timeout", "0.1", "status")
-    assert code == 1 and "no answer" in err
-    monkeypatch.setenv("VAST_URL", "http://127.0.0.1:9")  # discard port: refused
-    code, _, err = run_cli(capsys, "status")
-    assert code == 1 and "cannot reach" in err and err.count("\n") == 1
+    code, out, err = run_cli(capsys, "--http-timeout", "0.1", "status")
+    assert code == 1 and out == "" and "no answer" in err and err.count("\n") == 1
+    monkeypatch.setenv("VAST_URL", f"http://127.0.0.1:{free_port()}")  # bound, closed: refused
+    code, out, err = run_cli(capsys, "status")
+    assert code == 1 and out == "" and "cannot reach" in err and err.count("\n") == 1
 
 
 def test_wrong_key_in_environment_is_never_printed(vast_env: FakeVast, capsys, monkeypatch) -> None:
@@ -120,7 +128,7 @@ def test_search_query_and_price_order(vast_env: FakeVast, capsys) -> None:
         "--min-reliability",
         "0.95",
     )
-    assert code == 0 and out.index("9002") < out.index("9001")
+    assert code == 0 and out.index("9002") < out.index("9001") < out.index("9003")
     query = vast_env.requests[-1].body
     assert query["gpu_name"] == {"eq": "RTX 4090"} and query["dph_total"] == {"lte": 0.6}
     assert query["disk_space"] == {"gte": 100.0} and query["reliability2"] == {"gte": 0.95}
@@ -129,7 +137,51 @@ def test_search_query_and_price_order(vast_env: FakeVast, capsys) -> None:
     code, out, _ = run_cli(capsys, "search", "--interruptible", "--json")
     offers = json.loads(out)
     assert vast_env.requests[-1].body["type"] == "bid"
-    assert [o["id"] for o in offers] == [9001, 9002]  # by min bid
+    assert [o["id"] for o in offers] == [9003, 9002, 9001]  # by min bid, not as served
+
+
+def test_search_interruptible_max_price_filters_the_bid(vast_env: FakeVast, capsys) -> None:
+    code, out, _ = run_cli(capsys, "search", "--interruptible", "--max-price", "0.25")
+    query = vast_env.requests[-1].body
+    assert code == 0 and query["min_bid"] == {"lte": 0.25} and "dph_total" not in query
+    assert query["order"] == [["min_bid", "asc"]]
+    assert "0.200" in out and "interruptible (min bid)" in out
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--limit", "0"], "--limit 0 must be at least 1"),
+        (["--max-price", "-0.5"], "--max-price -0.5 must be >= 0"),
+        (["--num-gpus", "0"], "--num-gpus 0 must be at least 1"),
+    ],
+)
+def test_search_rejects_bad_numbers(vast_env: FakeVast, capsys, flags, named) -> None:
+    code, out, err = run_cli(capsys, "search", *flags)
+    assert code == 2 and out == "" and named in err and err.count("\n") == 1
+    assert vast_env.requests == []
+
+
+def test_no_api_key_is_one_line_exit_2(vast_env: FakeVast, capsys, monkeypatch, tmp_path) -> None:
+    for name in ("VASTAI_API_KEY", "VAST_API_KEY", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "empty-home"))  # no vastai CLI key file
+    code, out, err = run_cli(capsys, "status")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "no Vast.ai API key" in err and "VASTAI_API_KEY" in err
+    assert vast_env.requests == []
+
+
+@pytest.mark.parametrize("bad_key", ["vast-kéy-123456", "vast-key\nsecond-line-9876"])
+def test_unsendable_key_is_one_line_never_echoed(vast_env, capsys, monkeypatch, bad_key) -> None:
+    monkeypatch.setenv("VASTAI_API_KEY", bad_key)
+    code = cli.main([*FAST, "status"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "can't be sent in an HTTP header" in err and "stray characters" in err
+    for part in bad_key.split("\n"):
+        assert part not in out + err
+    assert vast_env.requests == []
 
 
 def test_create_wait_prints_ssh_command(vast_env: FakeVast, capsys) -> None:
@@ -157,6 +209,31 @@ def test_create_wait_gives_up_with_a_clear_line(vast_env: FakeVast, capsys) -> N
         capsys, "create", "9002", "--wait", "--timeout", "0.2", "--poll-interval", "0.05"
     )
     assert code == 1 and "not running with SSH after 0.2 s" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "canned",
+    [
+        Canned(
+            200, {"success": True, "new_contract": 777}, delay_s=0.5, path_prefix="/api/v0/asks/"
+        ),
+        Canned(502, "Bad Gateway", path_prefix="/api/v0/asks/"),
+    ],
+    ids=["read-timeout", "http-502"],
+)
+def test_create_is_never_retried_when_it_may_have_rented(vast_env, capsys, canned) -> None:
+    vast_env.failures.append(canned)
+    code, out, err = run_cli(capsys, "--http-timeout", "0.2", "create", "9002")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "may have gone through" in err and "launch_vast.py status" in err
+    assert vast_env.count("PUT", "/api/v0/asks/") == 1  # exactly one rental attempt
+
+
+def test_create_429_is_retried(vast_env: FakeVast, capsys) -> None:
+    vast_env.failures.append(Canned(429, "slow down", path_prefix="/api/v0/asks/"))
+    code, out, _ = run_cli(capsys, "create", "9002")
+    assert code == 0 and "created instance 500" in out
+    assert vast_env.count("PUT", "/api/v0/asks/") == 2
 
 
 def test_create_rejects_bad_disk(vast_env: FakeVast, capsys) -> None:

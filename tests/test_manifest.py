@@ -12,6 +12,7 @@ from src.utils.manifest import (
     Manifest,
     build_local_entries,
     compare_entries,
+    covers,
     find_manifests,
     manifest_path,
     parse_remote_listing,
@@ -40,6 +41,25 @@ def test_remote_listing_matches_local_hashes_even_for_odd_names(tmp_path: Path) 
     assert sorted(e.path for e in remote) == sorted(ODD_NAMES)
     assert remote == build_local_entries(tmp_path, [e.path for e in remote])
     assert build_local_entries(tmp_path) == remote
+
+
+def test_remote_listing_follows_symlinks(tmp_path: Path) -> None:
+    make_tree(tmp_path / "elsewhere", {"ckpt.pt": 50})
+    make_tree(tmp_path / "out", {"run2/x": 5})
+    (tmp_path / "out" / "run1").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    entries = listing_of(tmp_path / "out")
+    assert [(e.path, e.size) for e in entries] == [("run1/ckpt.pt", 50), ("run2/x", 5)]
+    ckpt = build_local_entries(tmp_path / "elsewhere", ["ckpt.pt"])[0]
+    assert entries[0].sha256 == ckpt.sha256
+
+
+def test_covers_means_the_root_or_a_parent_of_it() -> None:
+    assert covers("/workspace/persistent", "/workspace/persistent/")
+    assert covers("/workspace/", "/workspace/persistent")
+    assert covers("/", "/workspace/persistent")
+    assert not covers("/workspace/persistent/run1", "/workspace/persistent")
+    assert not covers("/workspace/pers", "/workspace/persistent")  # a prefix, not a parent
+    assert not covers("/tmp/empty", "/workspace/persistent") and not covers("", "/x")
 
 
 def test_remote_listing_of_missing_dir_exits_3(tmp_path: Path) -> None:

@@ -201,3 +201,62 @@ def test_s3_failure_names_upload_and_hides_credentials(sshd_server, dirs) -> Non
     assert "NoSuchBucket" in result.stderr or "does not exist" in result.stderr
     assert AWS_ENV["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
     assert AWS_ENV["AWS_ACCESS_KEY_ID"] not in result.stdout + result.stderr
+
+
+def test_one_ssh_login_per_sync(sshd_server: SshServer, dirs) -> None:  # noqa: F811
+    """ControlMaster: the master's login carries rsync and the checksum step too."""
+    remote, local, manifests = dirs
+    before = sshd_server.logins()
+    result = run_sync(sshd_server, local, remote, sync_env(sshd_server, manifests))
+    assert result.returncode == 0, result.stderr
+    assert sshd_server.logins() - before == 1
+
+
+def test_progress_is_shown_unless_quiet(sshd_server: SshServer, dirs) -> None:  # noqa: F811
+    from tests.support.sync_helpers import SYNC_SCRIPT
+
+    remote, local, manifests = dirs
+    command = [str(SYNC_SCRIPT), "-p", str(sshd_server.port), sshd_server.target]
+    env = sync_env(sshd_server, manifests)
+    loud = subprocess.run(
+        [*command, str(local), str(remote)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert loud.returncode == 0, loud.stderr
+    assert "100%" in loud.stdout and "to-chk=" in loud.stdout  # rsync --info=progress2
+    quiet = run_sync(sshd_server, tmp := local.parent / "quiet", remote, env)
+    assert quiet.returncode == 0 and "to-chk=" not in quiet.stdout and (tmp / "run2").is_dir()
+
+
+def test_symlinked_folder_is_downloaded_and_verified(sshd_server, tmp_path: Path) -> None:  # noqa: F811
+    remote, local, manifests = tmp_path / "remote", tmp_path / "local", tmp_path / "manifests"
+    elsewhere = tmp_path / "elsewhere"  # outside the synced tree, as on a second disk
+    make_tree(elsewhere, {"ckpt.pt": 300_000, "sub/opt.pt": 1_000})
+    make_tree(remote, {"run2/config.json": 800})
+    (remote / "run1").symlink_to(elsewhere, target_is_directory=True)
+    (remote / "latest.pt").symlink_to(elsewhere / "ckpt.pt")
+    result = run_sync(sshd_server, local, remote, sync_env(sshd_server, manifests))
+    assert result.returncode == 0, result.stderr
+    manifest = only_manifest(manifests)
+    expected = ["latest.pt", "run1/ckpt.pt", "run1/sub/opt.pt", "run2/config.json"]
+    assert manifest.verified and [e.path for e in manifest.files] == expected
+    for relative in expected[:3]:
+        copy = local / relative
+        assert copy.is_file() and not copy.is_symlink() and not copy.parent.is_symlink()
+    assert (local / "run1" / "ckpt.pt").read_bytes() == (elsewhere / "ckpt.pt").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_broken_symlinks_stop_the_sync_with_one_line(sshd_server, tmp_path: Path, kind) -> None:  # noqa: F811
+    remote, local, manifests = tmp_path / "remote", tmp_path / "local", tmp_path / "manifests"
+    make_tree(remote, {"run1/a.bin": 100})
+    if kind == "dangling":
+        (remote / "run1" / "latest").symlink_to(remote / "run1" / "deleted.pt")
+    else:
+        (remote / "run1" / "again").symlink_to("..", target_is_directory=True)
+    result = run_sync(sshd_server, local, remote, sync_env(sshd_server, manifests))
+    assert result.returncode == 11 and result.stderr.count("\n") == 1, result.stderr
+    if kind == "dangling":
+        assert "run1/latest points to nothing" in result.stderr
+    else:
+        assert "loop" in result.stderr and "run1/again" in result.stderr
+    assert not manifests.exists() and not (local / "run1").exists()

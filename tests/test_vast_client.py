@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from src.vast.client import (
     VastAuthError,
     VastClient,
     VastError,
+    VastKeyError,
     find_api_key,
     resolve_base_url,
 )
@@ -160,7 +162,7 @@ def test_get_instance_missing_fields_and_unknown_id(vast: FakeVast) -> None:
 
 def test_search_create_destroy_and_state_shapes(vast: FakeVast) -> None:
     with client_for(vast) as client:
-        assert [o["id"] for o in client.search_offers({"limit": 2})] == [9001, 9002]
+        assert [o["id"] for o in client.search_offers({"limit": 3})] == [9001, 9002, 9003]
         new_id = client.create_instance(9002, {"client_id": "me", "image": "x", "disk": 10})
         client.set_state(101, "stopped")
         client.destroy_instance(103)
@@ -174,6 +176,69 @@ def test_create_without_new_contract_is_an_error(vast: FakeVast) -> None:
     vast.failures.append(Canned(200, {"success": True}))
     with client_for(vast) as client, pytest.raises(VastError, match="new_contract"):
         client.create_instance(9001, {})
+
+
+@pytest.mark.parametrize(
+    "canned",
+    [
+        Canned(200, {"success": True, "new_contract": 1}, delay_s=0.5, times=None),
+        Canned(500, {"error": "boom"}, times=None),
+        Canned(503, "unavailable", times=None),
+    ],
+    ids=["timeout", "500", "503"],
+)
+def test_create_is_sent_once_when_it_may_have_gone_through(vast: FakeVast, canned) -> None:
+    vast.failures.append(canned)
+    with client_for(vast, timeout=0.2) as client, pytest.raises(VastError) as raised:
+        client.create_instance(9002, {"client_id": "me"})
+    message = str(raised.value)
+    assert vast.count("PUT", "/api/v0/asks/") == 1
+    assert "may have gone through" in message and "launch_vast.py status" in message
+    assert "\n" not in message and API_KEY not in message
+
+
+def test_create_is_retried_when_nothing_was_sent() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with VastClient(API_KEY, f"http://127.0.0.1:{port}", retry=FAST) as client:
+        with pytest.raises(VastError) as raised:
+            client.create_instance(9002, {})
+    assert "cannot reach" in str(raised.value) and "after 3 attempts" in str(raised.value)
+
+
+def test_idempotent_calls_still_retry_timeouts_and_5xx(vast: FakeVast) -> None:
+    vast.failures.append(Canned(500, {"error": "boom"}, path_prefix="/api/v0/instances/101/"))
+    with client_for(vast) as client:
+        client.set_state(101, "stopped")  # PUT, but setting a state twice is harmless
+    assert vast.count("PUT", "/api/v0/instances/101/") == 2
+
+
+@pytest.mark.parametrize(
+    "bad_key", ["kéy-0123456789", "key-0123\n456789", "key 0123456789", "\u200bkey0123"]
+)
+def test_unsendable_key_is_one_line_without_the_key(bad_key: str) -> None:
+    with pytest.raises(VastKeyError) as raised:
+        VastClient(bad_key, "http://127.0.0.1:1")
+    message = str(raised.value)
+    assert "can't be sent in an HTTP header" in message and "\n" not in message
+    assert bad_key not in message and "0123" not in message
+
+
+def test_key_never_in_debug_logs(vast: FakeVast, caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("httpx", "httpcore"):  # httpx logs each request at INFO, httpcore at DEBUG
+        caplog.set_level(logging.DEBUG, logger=name)
+    vast.failures.append(Canned(500, {"error": "boom"}, times=None, path_prefix="/api/v0/users"))
+    with client_for(vast) as client:
+        assert len(client.list_instances()) == 4
+        with pytest.raises(VastError):
+            client.current_user()
+    with VastClient("wrong-key-abcdef123456", vast.url, retry=FAST) as client:
+        with pytest.raises(VastAuthError):
+            client.list_instances()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "HTTP Request" in logged and "send_request_headers" in logged  # both loggers spoke
+    assert API_KEY not in logged and "wrong-key-abcdef123456" not in logged
 
 
 def test_ssh_addresses_direct_first_then_proxy() -> None:
@@ -217,9 +282,23 @@ def test_find_api_key_order(tmp_path: Path) -> None:
     assert find_api_key({}, dotenv, home) == "legacy-key"
     (home / ".config" / "vastai" / "vast_api_key").write_text("cli-key\n")
     assert find_api_key({}, dotenv, home) == "cli-key"
+    xdg = tmp_path / "xdg"
+    (xdg / "vastai").mkdir(parents=True)
+    (xdg / "vastai" / "vast_api_key").write_text("xdg-key\n")
+    assert find_api_key({"XDG_CONFIG_HOME": str(xdg)}, dotenv, home) == "xdg-key"
     dotenv.write_text("VASTAI_API_KEY=dotenv-key\n")
     assert find_api_key({}, dotenv, home) == "dotenv-key"
-    assert find_api_key({"VASTAI_API_KEY": "env-key"}, dotenv, home) == "env-key"
+    assert find_api_key({"VAST_API_KEY": "cli-env-key"}, dotenv, home) == "cli-env-key"
+    both = {"VASTAI_API_KEY": "env-key", "VAST_API_KEY": "cli-env-key"}
+    assert find_api_key(both, dotenv, home) == "env-key"
+
+
+def test_find_api_key_reads_sync_dotenv(tmp_path: Path) -> None:
+    other = tmp_path / "other.env"
+    other.write_text("VASTAI_API_KEY=from-other-env\n")
+    home = tmp_path / "home"
+    assert find_api_key({"SYNC_DOTENV": str(other)}, home=home) == "from-other-env"
+    assert find_api_key({"SYNC_DOTENV": str(tmp_path / "none.env")}, home=home) is None
 
 
 def test_base_url_override() -> None:
@@ -238,6 +317,23 @@ def test_hourly_rate_from_the_instance(vast: FakeVast) -> None:
     env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": vast.url}
     assert detect_hourly_rate(None, environ=env) == 0.8
     assert instance_id_from_env({"VAST_CONTAINERLABEL": "C.777"}) == 777
+
+
+def test_hourly_rate_in_a_container_from_the_process_environment(
+    vast: FakeVast, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As the trainer calls it: no environ argument, the container's own key and id."""
+    for name in ("VASTAI_API_KEY", "VAST_API_KEY", "XDG_CONFIG_HOME", "VAST_CONTAINERLABEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SYNC_DOTENV", str(tmp_path / "no.env"))
+    monkeypatch.setenv("CONTAINER_ID", "102")
+    monkeypatch.setenv("CONTAINER_API_KEY", API_KEY)
+    monkeypatch.setenv("VAST_URL", vast.url)
+    assert detect_hourly_rate(None) == 1.2
+    (request,) = vast.requests
+    assert request.path == "/api/v0/instances/102/"
+    assert request.headers["Authorization"] == f"Bearer {API_KEY}"
 
 
 def test_hourly_rate_off_vast_is_none_without_calls(vast: FakeVast) -> None:

@@ -3,8 +3,12 @@
 Defined once here because two things depend on it: ``scripts/sync_outputs.sh`` writes it after
 checking every file against the remote, and ``launch_vast.py destroy`` refuses to delete an
 instance unless its manifest still matches both the remote and the local copies. The remote
-side is listed by one SSH command (``find`` + ``sha256sum``, present on every Debian/Ubuntu
-image), so no Python is needed on the instance.
+side is listed by one SSH command (GNU ``find -printf`` and ``sha256sum -z``, which needs GNU
+coreutils >= 8.30: Debian 10+, Ubuntu 20.04+), so no Python is needed on the instance.
+
+Symlinks are followed on both sides (``find -L`` here, ``rsync --copy-links`` in the sync):
+a ``run1 -> /elsewhere`` link holding a checkpoint is listed, downloaded and verified as the
+files it points to, never skipped as "not a regular file".
 
 Manifests live outside the synced tree, one per (host, port, remote dir), under
 ``SYNC_MANIFEST_DIR`` (default ``$XDG_STATE_HOME/gpu-train-kit/manifests``).
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shlex
 import time
@@ -86,17 +91,44 @@ def build_local_entries(root: Path, relative_paths: Iterable[str] | None = None)
     return entries
 
 
+def _cd_or_exit_3(remote_dir: str) -> str:
+    quoted = shlex.quote(remote_dir)
+    return f"cd -- {quoted} 2>/dev/null || {{ echo 'no such directory: '{quoted} >&2; exit 3; }}; "
+
+
 def remote_listing_command(remote_dir: str) -> str:
     """Shell command (run through ssh) printing size and sha256 of every file, NUL-separated.
 
-    Exit status 3 means the directory does not exist.
+    ``-L`` follows symlinks, as ``rsync --copy-links`` does, so a linked folder's files are
+    listed (and must be home) like any other. Exit status 3 means the directory does not exist.
     """
-    quoted = shlex.quote(remote_dir)
     return (
-        f"cd -- {quoted} 2>/dev/null || {{ echo 'no such directory: '{quoted} >&2; exit 3; }}; "
-        "find . -type f -printf 'S %s %P\\0' && "
-        "find . -type f -exec sha256sum -z -- {} +"
+        _cd_or_exit_3(remote_dir) + "find -L . -type f -printf 'S %s %P\\0' && "
+        "find -L . -type f -exec sha256sum -z -- {} +"
     )
+
+
+def remote_link_check_command(remote_dir: str) -> str:
+    """Shell command printing every dangling symlink under ``remote_dir`` (NUL-separated).
+
+    Under ``find -L`` only a link that points nowhere still has type ``l``; a symlink loop makes
+    find fail with "File system loop detected". Both would break ``rsync --copy-links`` (a loop
+    is copied 40 levels deep), so the sync checks first. Exit status 3: no such directory.
+    """
+    return _cd_or_exit_3(remote_dir) + "find -L . -type l -printf '%P\\0'"
+
+
+def normalize_remote_dir(remote_dir: str) -> str:
+    """``/workspace/persistent/`` and ``/workspace//persistent`` are the same directory."""
+    return posixpath.normpath(remote_dir.strip()) if remote_dir.strip() else ""
+
+
+def covers(synced_dir: str, outputs_root: str) -> bool:
+    """Whether a sync of ``synced_dir`` includes everything under ``outputs_root``."""
+    synced, root = normalize_remote_dir(synced_dir), normalize_remote_dir(outputs_root)
+    if not synced or not root:
+        return False
+    return root == synced or root.startswith(synced.rstrip("/") + "/")
 
 
 def parse_remote_listing(output: bytes) -> list[FileEntry]:

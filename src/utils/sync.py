@@ -4,8 +4,10 @@
 
 - connect: one SSH master connection (ControlMaster), reused by rsync and the checksum step,
   so a password-less key is asked once and the handshake is paid once;
-- transfer: ``rsync -a --partial`` (an interrupted sync resumes; unchanged files are skipped
-  by size+mtime, so a re-sync moves almost nothing);
+- transfer: ``rsync -a --copy-links --partial`` (an interrupted sync resumes; unchanged files
+  are skipped by size+mtime, so a re-sync moves almost nothing). Symlinks are followed, as the
+  verify listing (``find -L``) does, so a ``run1 -> /elsewhere`` link's files come home; a
+  dangling link or a link loop stops the sync first with one line naming it;
 - verify: sizes and sha256 of every remote file, computed on the remote by one command, are
   compared with the local copies; the manifest is written either way, ``verified`` says
   which. rsync's quick check trusts mtimes, so this is what catches a file that changed
@@ -37,6 +39,7 @@ from src.utils.manifest import (
     manifest_dir,
     manifest_path,
     parse_remote_listing,
+    remote_link_check_command,
     remote_listing_command,
     write_manifest,
 )
@@ -46,6 +49,9 @@ EXIT_USAGE = 2
 STAGE_EXIT = {"connect": 10, "transfer": 11, "verify": 12, "upload": 13}
 SSH_OPTS_ENV = "SYNC_SSH_OPTS"  # extra ssh options, e.g. "-i ~/.ssh/vast -o ..."
 RSYNC_PATH_ENV = "SYNC_RSYNC_PATH"  # rsync on the remote, e.g. "sudo rsync"
+DOTENV_ENV = "SYNC_DOTENV"  # another .env file instead of the repo's
+REMOTE_DIR_ENV = "SYNC_REMOTE_DIR"
+DEFAULT_REMOTE_DIR = "/workspace/persistent"  # the outputs root destroy protects
 CONNECT_TIMEOUT_S = 15
 
 
@@ -200,7 +206,9 @@ def run_rsync(
 ) -> TransferStats:
     """Pull ``remote_dir/`` into ``local_dir/``; rsync's progress goes straight to stdout."""
     remote_shell = shlex.join(session.ssh_command())
-    command = ["rsync", "-a", "--partial", "--stats", "-e", remote_shell]
+    # --copy-links: follow symlinks like the verify listing (find -L); links themselves would
+    # leave the linked files on the instance while the manifest said "all home".
+    command = ["rsync", "-a", "--copy-links", "--partial", "--stats", "-e", remote_shell]
     if show_progress:
         command.append("--info=progress2")
     rsync_path = os.environ.get(RSYNC_PATH_ENV)
@@ -223,6 +231,29 @@ def run_rsync(
             "transfer", f"rsync exited with code {process.returncode}: {_last_line(stderr)}"
         )
     return parse_rsync_stats(captured.decode(errors="replace"))
+
+
+def check_remote_links(session: SshSession, host: str, remote_dir: str) -> None:
+    """The directory exists and holds no dangling symlink or symlink loop (rsync -L needs it)."""
+    check = session.run(remote_link_check_command(remote_dir))
+    if check.returncode == 3:
+        raise SyncError(
+            "connect", f"remote directory {remote_dir} does not exist on {host}: check REMOTE_DIR"
+        )
+    if check.returncode == 255:
+        raise SyncError("connect", f"SSH dropped: {_last_line(check.stderr)}")
+    if check.returncode != 0:
+        message = _last_line(check.stderr)
+        hint = "remove the link that loops" if "loop" in message else "check permissions"
+        raise SyncError("transfer", f"cannot walk {remote_dir} on {host}: {message}: {hint}")
+    dangling = [p for p in check.stdout.decode(errors="replace").split("\0") if p]
+    if dangling:
+        more = f" (and {len(dangling) - 1} more)" if len(dangling) > 1 else ""
+        raise SyncError(
+            "transfer",
+            f"remote symlink {remote_dir.rstrip('/')}/{dangling[0]} points to nothing{more}: "
+            "remove it or fix its target (the sync follows symlinks)",
+        )
 
 
 def verify(session: SshSession, remote_dir: str, local_dir: Path) -> tuple[list, list[str]]:
@@ -257,12 +288,7 @@ def sync_outputs(
     with SshSession(host, port, extra_opts) as session:
         user, hostname, resolved_port = session.resolve()
         session.start()
-        check = session.run(f"test -d {shlex.quote(remote_dir)}")
-        if check.returncode != 0:
-            raise SyncError(
-                "connect",
-                f"remote directory {remote_dir} does not exist on {host}: check REMOTE_DIR",
-            )
+        check_remote_links(session, host, remote_dir)
         try:
             local_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -329,11 +355,16 @@ def upload_verified(manifest: Manifest, bucket: str, environ: Mapping[str, str])
     return [object_key(prefix, entry.path) for entry in manifest.files]
 
 
-def _defaults(environ: Mapping[str, str]) -> dict[str, str]:
-    """SYNC_* from the environment, falling back to the repo's .env (the environment wins)."""
+def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """SYNC_* from the environment, falling back to the repo's .env (the environment wins).
+
+    ``launch_vast.py destroy`` reads the same settings, so both agree on SYNC_REMOTE_DIR and
+    SYNC_SSH_OPTS. ``SYNC_DOTENV`` names another file (tests never read the developer's .env).
+    """
     from dotenv import dotenv_values
 
-    dotenv_file = Path(environ.get("SYNC_DOTENV", REPO_ROOT / ".env"))
+    environ = os.environ if environ is None else environ
+    dotenv_file = Path(environ.get(DOTENV_ENV) or REPO_ROOT / ".env")
     from_file = (
         {k: v or "" for k, v in dotenv_values(dotenv_file).items()} if dotenv_file.is_file() else {}
     )
@@ -354,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--port", type=int, help="SSH port (default: from ~/.ssh/config)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no rsync progress")
     args = parser.parse_args(argv)
-    settings = _defaults(os.environ)
+    settings = load_settings(os.environ)
     # Boto3 reads AWS_* from os.environ: let .env supply them without overriding the shell.
     for name in (
         "AWS_ACCESS_KEY_ID",

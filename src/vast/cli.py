@@ -19,7 +19,14 @@ from rich.console import Console
 from rich.table import Table
 
 from src.utils.paths import REPO_ROOT
-from src.vast.client import NO_KEY_HINT, RetryPolicy, VastClient, VastError, find_api_key
+from src.vast.client import (
+    NO_KEY_HINT,
+    RetryPolicy,
+    VastClient,
+    VastError,
+    VastKeyError,
+    find_api_key,
+)
 from src.vast.destroy_gate import check_outputs_downloaded
 from src.vast.instances import TABLE_COLUMNS, is_active, ssh_addresses, status_of, view_of
 from src.vast.ssh_config import render_host_block, write_host_block
@@ -54,7 +61,7 @@ def cmd_status(client: VastClient, args: argparse.Namespace) -> int:
         return EXIT_OK
     hidden = len(instances) - len(shown)
     if not views:
-        note = f" ({hidden} stopped: `status --all`)" if hidden else ""
+        note = f" ({hidden} not running: `status --all`)" if hidden else ""
         print(f"no {'' if args.all else 'running '}instances{note}")
         return EXIT_OK
     table = Table(*TABLE_COLUMNS, title="Vast.ai instances", show_lines=True)
@@ -62,25 +69,44 @@ def cmd_status(client: VastClient, args: argparse.Namespace) -> int:
         table.add_row(*view.table_row())
     _console().print(table)
     if hidden:
-        print(f"{hidden} stopped instance(s) hidden (their disks still bill): `status --all`")
+        print(
+            f"{hidden} instance(s) not running (stopped, exited or offline) hidden; "
+            "their disks still bill: `status --all`"
+        )
     return EXIT_OK
 
 
+def check_search_args(args: argparse.Namespace) -> None:
+    """UsageError (one line, exit 2) for values the API would accept and answer nonsense to."""
+    if args.limit < 1:
+        raise UsageError(f"--limit {args.limit} must be at least 1 (e.g. --limit 20)")
+    if args.num_gpus < 1:
+        raise UsageError(f"--num-gpus {args.num_gpus} must be at least 1")
+    if args.max_price is not None and args.max_price < 0:
+        raise UsageError(f"--max-price {args.max_price:g} must be >= 0 $/h (e.g. --max-price 0.6)")
+
+
 def build_offer_query(args: argparse.Namespace) -> dict[str, Any]:
-    """The JSON query of POST /api/v0/bundles/ for the search flags."""
+    """The JSON query of POST /api/v0/bundles/ for the search flags.
+
+    With --interruptible the price you pay is your bid, at least the offer's ``min_bid``: so
+    --max-price filters and the server orders by ``min_bid`` (``dph_total`` is the on-demand
+    price, which a bid offer may far exceed).
+    """
+    price_field = "min_bid" if args.interruptible else "dph_total"
     query: dict[str, Any] = {
         "rentable": {"eq": True},
         "rented": {"eq": False},
         "verified": {"eq": True},
         "num_gpus": {"eq": args.num_gpus},
-        "order": [["dph_total", "asc"]],
+        "order": [[price_field, "asc"]],
         "type": "bid" if args.interruptible else "on-demand",
         "limit": args.limit,
     }
     if args.gpu:
         query["gpu_name"] = {"eq": args.gpu}
     if args.max_price is not None:
-        query["dph_total"] = {"lte": args.max_price}
+        query[price_field] = {"lte": args.max_price}
     if args.min_disk is not None:
         query["disk_space"] = {"gte": args.min_disk}
     if args.min_reliability is not None:
@@ -97,6 +123,7 @@ def _offer_price(offer: dict[str, Any], interruptible: bool) -> float:
 
 
 def cmd_search(client: VastClient, args: argparse.Namespace) -> int:
+    check_search_args(args)
     offers = client.search_offers(build_offer_query(args))
     offers.sort(key=lambda offer: _offer_price(offer, args.interruptible))
     if args.json:
@@ -221,7 +248,7 @@ def _confirm_typed_id(instance_id: int, stdin: TextIO) -> bool:
 
 def cmd_destroy(client: VastClient, args: argparse.Namespace) -> int:
     instance = client.get_instance(args.instance_id)
-    gate = check_outputs_downloaded(instance)
+    gate = check_outputs_downloaded(instance, remote_root=args.remote_dir)
     if gate.allowed:
         print(f"outputs of instance {args.instance_id} are downloaded: {gate.reason}")
     else:
@@ -268,12 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="offers sorted by price")
     search.add_argument("--gpu", help='GPU name as Vast.ai spells it, e.g. "RTX 4090"')
     search.add_argument("--num-gpus", type=int, default=1)
-    search.add_argument("--max-price", type=float, help="max $/h")
+    search.add_argument(
+        "--max-price", type=float, help="max $/h (with --interruptible: max min_bid)"
+    )
     search.add_argument("--min-disk", type=float, help="min disk GB")
     search.add_argument("--min-reliability", type=float, help="0..1, e.g. 0.98")
     search.add_argument("--interruptible", action="store_true", help="bid (spot) offers")
-    search.add_argument("--limit", type=int, default=20)
-    search.add_argument("--json", action="store_true")
+    search.add_argument("--limit", type=int, default=20, help="at most this many offers")
+    search.add_argument("--json", action="store_true", help="the offers as JSON (all fields)")
 
     create = sub.add_parser("create", help="rent an offer")
     create.add_argument("offer_id", type=int)
@@ -296,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     destroy = sub.add_parser("destroy", help="delete an instance once its outputs are verified")
     destroy.add_argument("instance_id", type=int)
     destroy.add_argument("--force", action="store_true", help="skip the check; type the id")
+    destroy.add_argument(
+        "--remote-dir",
+        help="outputs root that must be synced (default: SYNC_REMOTE_DIR or /workspace/persistent)",
+    )
 
     for name, text in (("stop", "stop (disk kept, still billed)"), ("start", "start again")):
         sub.add_parser(name, help=text).add_argument("instance_id", type=int)
@@ -325,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         retry = RetryPolicy(args.retries, args.retry_delay, max(args.retry_delay, 10.0))
         with VastClient(key, args.url, timeout=args.http_timeout, retry=retry) as client:
             return COMMANDS[args.command](client, args)
-    except UsageError as error:
+    except (UsageError, VastKeyError) as error:
         print(f"launch_vast: {error}", file=sys.stderr)
         return EXIT_USAGE
     except VastError as error:

@@ -5,14 +5,17 @@ Why not the official ``vastai`` package: it pins exact versions of heavy depende
 the public API docs and the official CLI: ``Authorization: Bearer KEY``; every JSON answer may
 carry ``success: false`` (the retired ``/api/v0/instances/?owner=me`` answers that way with
 HTTP 410 *or 200*), so ``success`` is checked on every response; 429 and 5xx are retried with
-a bounded backoff. The key lives only in the request header: it is scrubbed from every error
-message and never put in a URL.
+a bounded backoff. Renting (``PUT /api/v0/asks/ID/``) is not idempotent: it is retried only
+when the request surely never reached the server (no connection) or on 429, never after a
+timeout or 5xx, which may hide a rental that went through. The key lives only in the request
+header: it is scrubbed from every error message and never put in a URL.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ DEFAULT_BASE_URL = "https://console.vast.ai"
 KEY_ENV = "VASTAI_API_KEY"
 ALT_KEY_ENV = "VAST_API_KEY"  # what the vastai CLI itself reads
 URL_ENV = "VAST_URL"
+DOTENV_ENV = "SYNC_DOTENV"  # the same .env override sync_outputs.sh honours
 # Where the vastai CLI keeps the key (`vastai set api-key`), newest location first.
 CLI_KEY_FILES = ("~/.config/vastai/vast_api_key", "~/.vast_api_key")
 LIST_PAGE_LIMIT = 25  # the v1 listing caps `limit` at 25
@@ -49,6 +53,25 @@ class VastNotFound(VastError):
     """The instance or offer does not exist (any more)."""
 
 
+class VastKeyError(VastError):
+    """The key is unusable as given (bad input: the CLI exits 2)."""
+
+
+# What an HTTP header value may hold, minus spaces: a key with a space, newline or non-ASCII
+# character is a copy-paste accident, and httpx would raise UnicodeEncodeError on it.
+_KEY_OK = re.compile(r"[\x21-\x7e]+")
+BAD_KEY_MESSAGE = (
+    f"{KEY_ENV} contains characters that can't be sent in an HTTP header: "
+    "check for stray characters (spaces, newlines, non-ASCII)"
+)
+
+
+def check_api_key(api_key: str) -> None:
+    """VastKeyError (never showing the key) unless it can travel in a header."""
+    if not _KEY_OK.fullmatch(api_key):
+        raise VastKeyError(BAD_KEY_MESSAGE)
+
+
 def find_api_key(
     environ: Mapping[str, str] | None = None,
     dotenv_path: Path | None = None,
@@ -62,7 +85,10 @@ def find_api_key(
             return value
     from dotenv import dotenv_values
 
-    dotenv_file = dotenv_path if dotenv_path is not None else REPO_ROOT / ".env"
+    if dotenv_path is not None:
+        dotenv_file = dotenv_path
+    else:
+        dotenv_file = Path(environ.get(DOTENV_ENV) or REPO_ROOT / ".env")
     if dotenv_file.is_file():
         value = (dotenv_values(dotenv_file).get(KEY_ENV) or "").strip()
         if value:
@@ -119,6 +145,7 @@ class VastClient:
     ) -> None:
         if not api_key:
             raise VastError(NO_KEY_HINT)
+        check_api_key(api_key)
         self._key = api_key
         self.base_url = resolve_base_url(base_url)
         self.timeout = timeout
@@ -149,27 +176,47 @@ class VastClient:
         path: str,
         params: Mapping[str, Any] | None = None,
         json_body: Any = None,
+        idempotent: bool = True,
     ) -> dict[str, Any]:
-        """One API call with retries; checks HTTP status *and* ``success`` in the body."""
+        """One API call with retries; checks HTTP status *and* ``success`` in the body.
+
+        ``idempotent=False`` (renting): retried only when the request cannot have been acted
+        on (no connection, or 429); a timeout or 5xx stops at once with a "check status" line.
+        """
         what = f"{method} {path}"
         last_problem = ""
         for attempt in range(self.retry.attempts):
             retry_after = None
+            maybe_sent = False  # the server may have acted on it
             try:
                 response = self._http.request(
                     method, path, params=_encode_params(params), json=json_body
                 )
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+                # No connection was made: nothing was sent, any request may be retried.
+                last_problem = f"cannot reach {self.base_url} ({type(error).__name__})"
             except httpx.TimeoutException:
                 last_problem = f"no answer from {self.base_url} within {self.timeout:g} s"
+                maybe_sent = True
             except httpx.TransportError as error:
                 reason = type(error).__name__
-                last_problem = f"cannot reach {self.base_url} ({reason})"
+                last_problem = f"connection to {self.base_url} failed ({reason})"
+                maybe_sent = True
             else:
                 if response.status_code not in RETRY_STATUSES:
                     return self._check(what, response)
                 retry_after = response.headers.get("Retry-After")
                 kind = "rate limited" if response.status_code == 429 else "server error"
                 last_problem = f"HTTP {response.status_code} ({kind})"
+                maybe_sent = response.status_code != 429
+            if maybe_sent and not idempotent:
+                raise VastError(
+                    self._scrub(
+                        f"Vast.ai API {what}: {last_problem}; it may have gone through: check "
+                        "`python scripts/launch_vast.py status` before retrying, "
+                        "so you don't rent twice"
+                    )
+                )
             if attempt + 1 < self.retry.attempts:
                 self._sleep(self.retry.delay(attempt, retry_after))
         raise VastError(
@@ -253,7 +300,9 @@ class VastClient:
         return [offer for offer in offers if isinstance(offer, dict)]
 
     def create_instance(self, offer_id: int, payload: Mapping[str, Any]) -> int:
-        body = self.request("PUT", f"/api/v0/asks/{offer_id}/", json_body=dict(payload))
+        body = self.request(
+            "PUT", f"/api/v0/asks/{offer_id}/", json_body=dict(payload), idempotent=False
+        )
         contract = body.get("new_contract")
         if body.get("success") is not True or contract is None:
             raise VastError(

@@ -1,15 +1,23 @@
 """Whether an instance may be destroyed: only when its outputs are home and proven identical.
 
-Destroying a Vast.ai instance deletes its disk. The gate finds the download manifests written
-by ``scripts/sync_outputs.sh`` for the instance's SSH address (direct or proxy), then checks,
-right now, that (1) the last sync verified, (2) the local copies still hash to the manifest,
-and (3) no remote file changed or appeared since the sync (training may have written more;
-a file deleted remotely is still safe at home). Any doubt refuses; ``--force`` is the way out.
+Destroying a Vast.ai instance deletes its disk. The gate looks at the outputs root
+(``SYNC_REMOTE_DIR`` from the environment or ``.env``, default ``/workspace/persistent``, or
+``destroy --remote-dir``) and finds the download manifests written by ``sync_outputs.sh`` for
+the instance's SSH address (direct or proxy) whose remote dir *covers* that root (the root
+itself or a parent: a manifest of ``run1`` says nothing about ``run2``). One of them must
+pass, right now: (1) the last sync verified, (2) the local copies still hash to the manifest,
+(3) no remote file under it changed or appeared since the sync (training may have written
+more; a file deleted remotely is still safe at home). Any doubt refuses; ``--force`` is the
+way out.
+
+The remote is listed through the same SSH host the sync used (the manifest's alias or
+user@host), so ``~/.ssh/config`` (IdentityFile, ProxyJump...) applies as it did for the sync;
+``HostName``/``Port``/``User`` are pinned to the manifest's resolved address, so an alias since
+re-pointed at another instance cannot answer for this one.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 from collections.abc import Mapping
@@ -20,16 +28,18 @@ from typing import Any
 from src.utils.manifest import (
     Manifest,
     compare_entries,
+    covers,
     find_manifests,
     manifest_dir,
+    normalize_remote_dir,
     parse_remote_listing,
     remote_listing_command,
     verify_local,
 )
-from src.utils.sync import SSH_OPTS_ENV
-from src.vast.instances import ssh_addresses, status_of
+from src.utils.sync import DEFAULT_REMOTE_DIR, REMOTE_DIR_ENV, SSH_OPTS_ENV, load_settings
+from src.vast.instances import SshAddress, ssh_addresses, status_of
 
-SYNC_HINT = "run ./scripts/sync_outputs.sh HOST LOCAL_DIR REMOTE_DIR first, or pass --force"
+SYNC_SCRIPT = "./scripts/sync_outputs.sh"
 
 
 @dataclass
@@ -39,34 +49,97 @@ class GateResult:
     manifests: list[Path] = field(default_factory=list)
 
 
-def remote_entries(manifest: Manifest, environ: Mapping[str, str]) -> list[Any]:
-    """The remote listing now, over one SSH command; RuntimeError with one line on failure."""
-    command = [
+def remote_command_args(manifest: Manifest, environ: Mapping[str, str]) -> list[str]:
+    """The ssh argv that reaches the synced host as the sync did, pinned to its address."""
+    return [
         "ssh",
         *shlex.split(environ.get(SSH_OPTS_ENV, "")),
         "-p",
         str(manifest.ssh_port),
+        "-l",
+        manifest.ssh_user,
+        "-o",
+        f"HostName={manifest.ssh_hostname}",
         "-o",
         "BatchMode=yes",
         "-o",
         "ConnectTimeout=15",
         "-o",
         "StrictHostKeyChecking=accept-new",
-        f"{manifest.ssh_user}@{manifest.ssh_hostname}",
+        # The alias (or user@host) the sync was given: its Host block applies again.
+        manifest.host,
         remote_listing_command(manifest.remote_dir),
     ]
-    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+
+
+def remote_entries(manifest: Manifest, environ: Mapping[str, str]) -> list[Any]:
+    """The remote listing now, over one SSH command; RuntimeError with one line on failure."""
+    try:
+        result = subprocess.run(
+            remote_command_args(manifest, environ),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=600,
+        )
+    except OSError as error:  # no ssh binary, or not executable
+        raise RuntimeError(
+            f"cannot run ssh ({error.strerror or error}): install openssh-client"
+        ) from None
     if result.returncode != 0:
         lines = result.stderr.decode(errors="replace").strip().splitlines()
         raise RuntimeError(lines[-1] if lines else f"ssh exited with code {result.returncode}")
     return parse_remote_listing(result.stdout)
 
 
+def sync_command(address: SshAddress, root: str, settings: Mapping[str, str]) -> str:
+    """The exact command that syncs ``root`` from this address into SYNC_LOCAL_DIR."""
+    local = settings.get("SYNC_LOCAL_DIR") or "./outputs"
+    return shlex.join(
+        [SYNC_SCRIPT, "-p", str(address.port), f"{address.user}@{address.host}", local, root]
+    )
+
+
+def resync_command(manifest: Manifest) -> str:
+    """The sync that would refresh this manifest (an alias keeps its own Port)."""
+    port = ["-p", str(manifest.ssh_port)] if "@" in manifest.host else []
+    return shlex.join([SYNC_SCRIPT, *port, manifest.host, manifest.local_dir, manifest.remote_dir])
+
+
+def _check_manifest(manifest: Manifest, environ: Mapping[str, str]) -> str | None:
+    """None when this manifest proves its remote dir is home right now; else why not."""
+    source = f"{manifest.host}:{manifest.remote_dir}"
+    hint = f"run {resync_command(manifest)} again, or pass --force"
+    if not manifest.verified:
+        first = manifest.mismatches[0] if manifest.mismatches else "unknown"
+        return f"the last sync of {source} failed verification ({first}): {hint}"
+    local_problems = verify_local(manifest)
+    if local_problems:
+        return f"local copy in {manifest.local_dir} differs: {local_problems[0]}: {hint}"
+    try:
+        now = remote_entries(manifest, environ)
+    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as error:
+        return f"cannot check the remote {source} ({error}): outputs unverified, refusing"
+    if not manifest.files and now:
+        # Said explicitly: an empty sync must never stand for a directory that has files.
+        return (
+            f"the last sync of {source} brought 0 files but it now holds {len(now)} "
+            f"(e.g. {now[0].path}): {hint}"
+        )
+    changed = compare_entries(now, manifest.files)
+    if changed:
+        problem = changed[0].replace(": missing", ": new on the remote, not downloaded")
+        return f"remote {source} changed since the sync: {problem}: {hint}"
+    return None
+
+
 def check_outputs_downloaded(
-    instance: Mapping[str, Any], environ: Mapping[str, str] | None = None
+    instance: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    remote_root: str | None = None,
 ) -> GateResult:
-    """Allowed only if every manifest for this instance still matches remote and local files."""
-    environ = os.environ if environ is None else environ
+    """Allowed only if a manifest covering the outputs root still matches remote and local."""
+    settings = load_settings(environ)
+    root = normalize_remote_dir(remote_root or settings.get(REMOTE_DIR_ENV) or DEFAULT_REMOTE_DIR)
     instance_id = instance.get("id")
     addresses = ssh_addresses(dict(instance))
     if not addresses:
@@ -75,43 +148,34 @@ def check_outputs_downloaded(
             f"instance {instance_id} has no SSH address (status {status_of(dict(instance))}), so "
             f"its outputs cannot be checked: start it and sync, or pass --force",
         )
-    directory = manifest_dir(environ)
+    directory = manifest_dir(settings)
     found = [m for a in addresses for m in find_manifests(directory, a.host, a.port)]
-    if not found:
+    covering = [(path, m) for path, m in found if covers(m.remote_dir, root)]
+    if not covering:
         where = " or ".join(f"{a.user}@{a.host} -p {a.port}" for a in addresses)
+        if found:
+            synced = ", ".join(sorted({m.remote_dir for _, m in found}))
+            what = f"the syncs of instance {instance_id} ({synced}) do not cover {root}"
+        else:
+            what = f"no download manifest for instance {instance_id} ({where}) covers {root}"
         return GateResult(
-            False, f"no download manifest for instance {instance_id} ({where}): {SYNC_HINT}"
+            False,
+            f"{what}: run {sync_command(addresses[0], root, settings)} "
+            f"(another outputs dir: --remote-dir or SYNC_REMOTE_DIR), or pass --force",
+            [path for path, _ in found],
         )
-    paths = [path for path, _ in found]
-    for _path, manifest in found:
-        source = f"{manifest.host}:{manifest.remote_dir}"
-        if not manifest.verified:
-            first = manifest.mismatches[0] if manifest.mismatches else "unknown"
+    covering.sort(key=lambda item: item[1].created_at, reverse=True)  # newest first
+    paths = [path for path, _ in covering]
+    first_problem = None
+    for path, manifest in covering:
+        problem = _check_manifest(manifest, settings)
+        if problem is None:
             return GateResult(
-                False,
-                f"the last sync of {source} failed verification ({first}): {SYNC_HINT}",
+                True,
+                f"{len(manifest.files)} files under {manifest.remote_dir} verified "
+                f"against {path.name}",
                 paths,
             )
-        local_problems = verify_local(manifest)
-        if local_problems:
-            return GateResult(
-                False,
-                f"local copy in {manifest.local_dir} differs: {local_problems[0]}: {SYNC_HINT}",
-                paths,
-            )
-        try:
-            now = remote_entries(manifest, environ)
-        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as error:
-            return GateResult(
-                False,
-                f"cannot check the remote {source} ({error}): outputs unverified, refusing",
-                paths,
-            )
-        changed = compare_entries(now, manifest.files)
-        if changed:
-            problem = changed[0].replace(": missing", ": new on the remote, not downloaded")
-            return GateResult(
-                False, f"remote {source} changed since the sync: {problem}: {SYNC_HINT}", paths
-            )
-    count = sum(len(m.files) for _, m in found)
-    return GateResult(True, f"{count} files verified against {len(found)} manifest(s)", paths)
+        first_problem = first_problem or problem
+    assert first_problem is not None
+    return GateResult(False, first_problem, paths)

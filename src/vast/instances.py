@@ -99,6 +99,7 @@ class InstanceView:
     is_bid: bool
     ssh: list[SshAddress] = field(default_factory=list)
     status_msg: str = ""
+    active: bool = True  # False: stopped/exited/offline, so no SSH command to copy
 
     def ssh_commands(self) -> list[str]:
         return [address.command() for address in self.ssh]
@@ -109,6 +110,8 @@ class InstanceView:
             price += " (bid)"
         cost = "-" if self.cost_so_far_usd is None else f"${self.cost_so_far_usd:.2f}"
         ssh = "\n".join(f"{a.kind}: {a.command()}" for a in self.ssh) or "-"
+        if not self.active:
+            ssh = "(not running)"
         return [
             "-" if self.id is None else str(self.id),
             self.label or "-",
@@ -159,6 +162,8 @@ def view_of(instance: dict[str, Any], now: float | None = None) -> InstanceView:
         uptime_s=uptime,
         cost_so_far_usd=cost,
         is_bid=bool(instance.get("is_bid")),
-        ssh=ssh_addresses(instance),
+        # A stopped instance keeps its last address, but nothing answers there.
+        ssh=ssh_addresses(instance) if is_active(instance) else [],
         status_msg=str(instance.get("status_msg") or "").strip(),
+        active=is_active(instance),
     )

@@ -96,13 +96,15 @@ class FakeVast:
     def __init__(self) -> None:
         self.api_key = API_KEY
         self.instances: dict[int, dict[str, Any]] = sample_instances()
+        # Served in this order, which is wrong both by dph_total (9002, 9001, 9003) and by
+        # min_bid (9003, 9002, 9001): a client that forgets to sort shows it.
         self.offers: list[dict[str, Any]] = [
             {
                 "id": 9001,
                 "gpu_name": "RTX 4090",
                 "num_gpus": 1,
                 "dph_total": 0.55,
-                "min_bid": 0.2,
+                "min_bid": 0.3,
                 "disk_space": 200,
                 "reliability2": 0.99,
                 "geolocation": "US",
@@ -116,6 +118,16 @@ class FakeVast:
                 "disk_space": 120,
                 "reliability2": 0.97,
                 "geolocation": "CA",
+            },
+            {
+                "id": 9003,
+                "gpu_name": "RTX 4090",
+                "num_gpus": 1,
+                "dph_total": 0.6,
+                "min_bid": 0.2,
+                "disk_space": 150,
+                "reliability2": 0.98,
+                "geolocation": "DE",
             },
         ]
         self.page_size = 2

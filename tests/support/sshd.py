@@ -66,6 +66,11 @@ class SshServer:
     def ssh_opts_env(self, key: Path | None = None) -> str:
         return shlex.join(self.ssh_options(key))
 
+    def logins(self) -> int:
+        """Successful authentications so far (one per SSH connection)."""
+        log = self.workdir / "sshd.log"
+        return log.read_text(errors="replace").count("Accepted publickey") if log.exists() else 0
+
 
 def _wait_listening(port: int, process: subprocess.Popen, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
@@ -109,7 +114,7 @@ def start_sshd(workdir: Path) -> tuple[SshServer, subprocess.Popen]:
         "MaxStartups 100\n"
         "MaxSessions 100\n"
         "Subsystem sftp internal-sftp\n"
-        "LogLevel ERROR\n"
+        "LogLevel INFO\n"  # "Accepted publickey" lines: tests count SSH logins
     )
     known_hosts = workdir / "known_hosts"
     public_host_key = host_key.with_suffix(".pub").read_text().split()

@@ -5,7 +5,7 @@
 # Run it whole (re-running the same command resumes an interrupted run):
 #
 #     python experiments/template_experiment.py                          # dev config
-#     python experiments/template_experiment.py trainer.max_steps=300 seed=3
+#     python experiments/template_experiment.py run_name=seed3 seed=3     # a new run
 #     DEV_MODE=False python experiments/template_experiment.py           # prod config
 #     python experiments/template_experiment.py --config configs/my.yaml run_name=try2
 #

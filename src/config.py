@@ -334,17 +334,17 @@ def check_runtime(cfg: DictConfig) -> None:
     import torch
 
     from src.models import MODEL_BUILDERS
+    from src.utils.gpu_monitor import cuda_index
 
     if cfg.model.name not in MODEL_BUILDERS:
         known = ", ".join(sorted(MODEL_BUILDERS))
         raise ConfigError(f"unknown model.name {cfg.model.name!r}: choose one of {known}")
-    device = cfg.trainer.device
-    if device.startswith("cuda"):
+    index = cuda_index(cfg.trainer.device)
+    if index is not None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(device.split(":")[1]) if ":" in device else 0
         if index >= count:
             raise ConfigError(
-                f"trainer.device={device} but this machine has {count} CUDA GPU(s): "
+                f"trainer.device={cfg.trainer.device} but this machine has {count} CUDA GPU(s): "
                 "use trainer.device=auto (GPU if there is one, else CPU) or cpu"
             )
 

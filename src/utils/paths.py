@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOLUME_ROOT = Path("/workspace")
 DEFAULT_PERSISTENT_DIR = "/workspace/persistent"
 LOCAL_FALLBACK_DIR = REPO_ROOT / "outputs"
+DOTENV_ENV = "SYNC_DOTENV"  # names another .env file for the sync/Vast.ai tools (tests use it)
 _announced_fallbacks: set[tuple[Path, Path]] = set()  # say each fallback once per process
+
+
+def tools_dotenv_path(environ: Mapping[str, str]) -> Path:
+    """The .env that sync_outputs.sh and launch_vast.py read: SYNC_DOTENV, else the repo's."""
+    return Path(environ.get(DOTENV_ENV) or REPO_ROOT / ".env")
 
 
 def is_writable_dir(path: Path) -> bool:

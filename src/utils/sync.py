@@ -43,13 +43,12 @@ from src.utils.manifest import (
     remote_listing_command,
     write_manifest,
 )
-from src.utils.paths import REPO_ROOT
+from src.utils.paths import tools_dotenv_path
 
 EXIT_USAGE = 2
 STAGE_EXIT = {"connect": 10, "transfer": 11, "verify": 12, "upload": 13}
 SSH_OPTS_ENV = "SYNC_SSH_OPTS"  # extra ssh options, e.g. "-i ~/.ssh/vast -o ..."
 RSYNC_PATH_ENV = "SYNC_RSYNC_PATH"  # rsync on the remote, e.g. "sudo rsync"
-DOTENV_ENV = "SYNC_DOTENV"  # another .env file instead of the repo's
 REMOTE_DIR_ENV = "SYNC_REMOTE_DIR"
 DEFAULT_REMOTE_DIR = "/workspace/persistent"  # the outputs root destroy protects
 CONNECT_TIMEOUT_S = 15
@@ -364,7 +363,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     from dotenv import dotenv_values
 
     environ = os.environ if environ is None else environ
-    dotenv_file = Path(environ.get(DOTENV_ENV) or REPO_ROOT / ".env")
+    dotenv_file = tools_dotenv_path(environ)
     from_file = (
         {k: v or "" for k, v in dotenv_values(dotenv_file).items()} if dotenv_file.is_file() else {}
     )

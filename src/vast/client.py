@@ -24,13 +24,12 @@ from typing import Any
 
 import httpx
 
-from src.utils.paths import REPO_ROOT
+from src.utils.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://console.vast.ai"
 KEY_ENV = "VASTAI_API_KEY"
 ALT_KEY_ENV = "VAST_API_KEY"  # what the vastai CLI itself reads
 URL_ENV = "VAST_URL"
-DOTENV_ENV = "SYNC_DOTENV"  # the same .env override sync_outputs.sh honours
 # Where the vastai CLI keeps the key (`vastai set api-key`), newest location first.
 CLI_KEY_FILES = ("~/.config/vastai/vast_api_key", "~/.vast_api_key")
 LIST_PAGE_LIMIT = 25  # the v1 listing caps `limit` at 25
@@ -85,10 +84,7 @@ def find_api_key(
             return value
     from dotenv import dotenv_values
 
-    if dotenv_path is not None:
-        dotenv_file = dotenv_path
-    else:
-        dotenv_file = Path(environ.get(DOTENV_ENV) or REPO_ROOT / ".env")
+    dotenv_file = dotenv_path if dotenv_path is not None else tools_dotenv_path(environ)
     if dotenv_file.is_file():
         value = (dotenv_values(dotenv_file).get(KEY_ENV) or "").strip()
         if value:

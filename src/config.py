@@ -13,14 +13,16 @@ type fails at start-up with one line naming the key and the file, never mid-run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src.data.splits import split_sizes
@@ -39,25 +41,70 @@ class PathsConfig:
     output_dir: str = DEFAULT_PERSISTENT_DIR
 
 
+def require(ok: bool, key: str, value: Any, expected: str) -> None:
+    """For a settings dataclass's ``__post_init__``: one clear ValueError when ``ok`` is False.
+
+    The loader turns it into ``bad value for '<section>.<key>' in <file>: ...``.
+    """
+    if not ok:
+        raise SettingError(key, f"{value!r}, expected {expected}")
+
+
+class SettingError(ValueError):
+    """A bad value in one field of a settings dataclass (raised by ``require``)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
 @dataclass
 class DataConfig:
+    """What the trainer reads from ``data:``. An experiment's own data settings extend it."""
+
+    batch_size: int = 64  # per device: under torchrun the effective batch is x world size
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    """The template experiment's data: Gaussian clusters (src/data/synthetic.py)."""
+
     num_samples: int = 2048
     num_features: int = 32
     num_classes: int = 4
     noise: float = 0.5
     val_fraction: float = 0.1
     test_fraction: float = 0.1
-    batch_size: int = 64
-    num_workers: int = 0
     seed: int = 1234  # the synthetic data set itself, independent of the training seed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.num_features >= 1, "num_features", self.num_features, "an integer >= 1")
+        require(self.num_classes >= 2, "num_classes", self.num_classes, "an integer >= 2")
+        fractions_ok = 0 < self.val_fraction + self.test_fraction < 1
+        require(fractions_ok, "val_fraction", self.val_fraction, "val+test < 1")
+        train_size = split_sizes(self.num_samples, self.val_fraction, self.test_fraction)[0]
+        require(train_size >= 1, "num_samples", self.num_samples, "enough for train, val and test")
 
 
 @dataclass
-class ModelConfig:
+class MLPConfig:
+    """The template experiment's model (src/models/mlp.py)."""
+
     name: str = "mlp"
     hidden_dim: int = 64
     num_layers: int = 2
     dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        require(self.hidden_dim >= 1, "hidden_dim", self.hidden_dim, "an integer >= 1")
+        require(self.num_layers >= 1, "num_layers", self.num_layers, "an integer >= 1")
+        require(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
 
 
 @dataclass
@@ -82,6 +129,10 @@ class TrainerConfig:
     progress_bar: bool = True
     # Besides SIGTERM and SIGINT; Slurm's `--signal=USR1@120` sends this. "" disables.
     extra_stop_signal: str = "SIGUSR1"
+    compile: bool = False  # torch.compile for training; checkpoints keep plain state_dicts
+    # The validation metric that picks best_model.pt and drives early stopping.
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"  # min | max
 
 
 @dataclass
@@ -105,52 +156,53 @@ class CostConfig:
     hourly_rate_usd: float | None = None
 
 
-RESIDUAL_COMPARE_DIR = f"{DEFAULT_PERSISTENT_DIR}/analyses/residual_compare"
-
-
-@dataclass
-class ResidualModelPair:
-    name: str = MISSING  # what --names selects
-    base: str = MISSING  # local path or Hugging Face id
-    sft: str = MISSING
-
-
-@dataclass
-class ResidualCompareConfig:
-    # Read by scripts/run_residual_sweep.py (docs/sweeps.md); experiments ignore it.
-    models: list[ResidualModelPair] = field(default_factory=list)
-    prompts: list[str] = field(
-        default_factory=lambda: [
-            "The capital of France is",
-            "Explain why the sky is blue in one sentence.",
-        ]
-    )
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
-    device: str = "cuda"  # cuda | cuda:N | cpu
-    max_length: int = 256  # tokens per prompt; longer prompts are truncated
-    output_dir: str = RESIDUAL_COMPARE_DIR  # falls back to outputs/analyses/... off Vast.ai
-    log_dir: str = f"{RESIDUAL_COMPARE_DIR}/logs"
-    required_gpu_names: list[str] = field(default_factory=lambda: ["A100", "H100", "H200"])
-    min_gpu_memory_gb: float = 40.0  # the guardrail; --force bypasses it
-
-
 @dataclass
 class ExperimentConfig:
     seed: int = 42
     run_name: str = "template"
     paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    model: MLPConfig = field(default_factory=MLPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cost: CostConfig = field(default_factory=CostConfig)
-    residual_compare: ResidualCompareConfig = field(default_factory=ResidualCompareConfig)
+
+
+# Top-level sections of a config file that belong to other tools (scripts/run_residual_sweep.py
+# reads `residual_compare`): an experiment skips them, the tool checks them with its own schema.
+TOOL_SECTIONS = frozenset({"residual_compare"})
+
+
+def experiment_schema(model: type | None = None, data: type | None = None) -> type:
+    """ExperimentConfig with an experiment's own ``model:`` / ``data:`` dataclasses.
+
+    ``data`` must extend DataConfig (the trainer reads batch_size and num_workers).
+    """
+    if model is None and data is None:
+        return ExperimentConfig
+    for name, cls in (("model", model), ("data", data)):
+        if cls is not None and not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{name}={cls!r} must be a dataclass (its fields are the settings)")
+    if data is not None and not issubclass(data, DataConfig):
+        raise TypeError(f"data={data.__name__} must extend src.config.DataConfig")
+    fields = [
+        (name, cls, field(default_factory=cls))
+        for name, cls in (("model", model), ("data", data))
+        if cls is not None
+    ]
+    return dataclasses.make_dataclass(
+        f"{ExperimentConfig.__name__}_{'_'.join(c.__name__ for _, c, _ in fields)}",
+        fields,
+        bases=(ExperimentConfig,),
+    )
 
 
 class ConfigError(ValueError):
     """A config problem, worded as one line that says what is wrong and how to fix it."""
+
+    label = "config error"  # how a script prints it: "<label>: <message>", then exit 2
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -171,8 +223,8 @@ def load_dotenv_file(dotenv_path: Path | None = None) -> None:
     load_dotenv(dotenv_path or REPO_ROOT / ".env", override=False)
 
 
-def default_config_path() -> Path:
-    return DEV_CONFIG if _env_flag("DEV_MODE", default=True) else PROD_CONFIG
+def default_config_path(dev_config: Path = DEV_CONFIG, prod_config: Path = PROD_CONFIG) -> Path:
+    return dev_config if _env_flag("DEV_MODE", default=True) else prod_config
 
 
 def describe_parse_error(path: Path, error: Exception) -> str:
@@ -198,19 +250,37 @@ def describe_config_error(error: OmegaConfBaseException, source: str) -> str:
 def load_config(
     config_path: str | os.PathLike[str] | None = None,
     overrides: list[str] | None = None,
+    *,
+    schema: type = ExperimentConfig,
+    sections: Collection[str] | None = None,
+    dev_config: Path = DEV_CONFIG,
+    prod_config: Path = PROD_CONFIG,
 ) -> DictConfig:
-    """Merge schema defaults, a YAML file and dotlist overrides; ConfigError on any problem."""
+    """Merge schema defaults, a YAML file and dotlist overrides; ConfigError on any problem.
+
+    ``schema``: the dataclass to check against (``experiment_schema(...)`` for an
+    experiment with its own model/data settings). ``sections``: read only these top-level
+    keys of the file (a tool sharing a file with experiments); by default every key is read
+    except TOOL_SECTIONS.
+    """
     load_dotenv_file()
-    path = Path(config_path) if config_path is not None else default_config_path()
+    path = (
+        Path(config_path)
+        if config_path is not None
+        else default_config_path(dev_config, prod_config)
+    )
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (pass --config PATH to an existing YAML)")
-    schema = OmegaConf.structured(ExperimentConfig)
     try:
         file_cfg = OmegaConf.load(path)
     except Exception as error:  # yaml.YAMLError and friends: report, don't dump a traceback
         raise ConfigError(describe_parse_error(path, error)) from None
+    if not isinstance(file_cfg, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of sections (e.g. trainer: ...)")
+    keep = (lambda key: key in sections) if sections else (lambda key: key not in TOOL_SECTIONS)
+    file_cfg = OmegaConf.masked_copy(file_cfg, [key for key in file_cfg if keep(key)])
     try:
-        cfg = OmegaConf.merge(schema, file_cfg)
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), file_cfg)
     except OmegaConfBaseException as error:
         raise ConfigError(describe_config_error(error, str(path))) from None
     bad = [item for item in overrides or [] if "=" not in item]
@@ -228,7 +298,9 @@ def load_config(
         if full is not None:
             message = message.replace(f"'{reported}'", f"'{full}'", 1)
         raise ConfigError(message) from None
-    validate(cfg, f"{path} + command-line overrides" if overrides else str(path))
+    source = f"{path} + command-line overrides" if overrides else str(path)
+    if issubclass(schema, ExperimentConfig):
+        validate(cfg, source)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -245,7 +317,7 @@ def _is_signal_name(name: str) -> bool:
 
 def validate(cfg: DictConfig, source: str) -> None:
     """Checks the type system can't express (ranges, choices); no torch needed."""
-    trainer, data, model, optim = cfg.trainer, cfg.data, cfg.model, cfg.optim
+    trainer, optim = cfg.trainer, cfg.optim
     checks = [
         ("trainer.precision", trainer.precision in {"fp32", "bf16", "fp16"}, "fp32|bf16|fp16"),
         ("trainer.grad_accum_steps", trainer.grad_accum_steps >= 1, "an integer >= 1"),
@@ -254,6 +326,12 @@ def validate(cfg: DictConfig, source: str) -> None:
         ("trainer.log_every_n_steps", trainer.log_every_n_steps >= 1, "an integer >= 1"),
         ("trainer.grad_clip_norm", trainer.grad_clip_norm >= 0, "a number >= 0 (0: off)"),
         ("trainer.early_stopping_patience", trainer.early_stopping_patience >= 0, ">= 0"),
+        (
+            "trainer.monitor",
+            re.fullmatch(r"val/\w+", trainer.monitor) is not None,
+            "val/<metric>, e.g. val/loss",
+        ),
+        ("trainer.monitor_mode", trainer.monitor_mode in {"min", "max"}, "min|max"),
         (
             "trainer.device",
             re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", trainer.device) is not None,
@@ -264,19 +342,6 @@ def validate(cfg: DictConfig, source: str) -> None:
             trainer.extra_stop_signal == "" or _is_signal_name(trainer.extra_stop_signal),
             'a signal name such as SIGUSR1, or "" for none',
         ),
-        ("data.batch_size", data.batch_size >= 1, "an integer >= 1"),
-        ("data.num_workers", data.num_workers >= 0, "an integer >= 0"),
-        ("data.num_features", data.num_features >= 1, "an integer >= 1"),
-        ("data.num_classes", data.num_classes >= 2, "an integer >= 2"),
-        ("data.val_fraction", 0 < data.val_fraction + data.test_fraction < 1, "val+test < 1"),
-        (
-            "data.num_samples",
-            split_sizes(data.num_samples, data.val_fraction, data.test_fraction)[0] >= 1,
-            "enough for train, val and test",
-        ),
-        ("model.hidden_dim", model.hidden_dim >= 1, "an integer >= 1"),
-        ("model.num_layers", model.num_layers >= 1, "an integer >= 1"),
-        ("model.dropout", 0 <= model.dropout < 1, "a number in [0, 1)"),
         ("optim.lr", optim.lr > 0, "a number > 0"),
         ("optim.weight_decay", optim.weight_decay >= 0, "a number >= 0"),
         ("optim.warmup_steps", optim.warmup_steps >= 0, "an integer >= 0"),
@@ -298,19 +363,44 @@ def validate(cfg: DictConfig, source: str) -> None:
         if not ok:
             value = OmegaConf.select(cfg, key)
             raise ConfigError(f"bad value for '{key}' in {source}: {value!r}, expected {expected}")
+    for section in ("data", "model"):
+        check_section(cfg, section, source)
+
+
+def check_section(cfg: DictConfig, section: str, source: str) -> None:
+    """Run a settings dataclass's own ``__post_init__`` checks on the merged values."""
+    try:
+        OmegaConf.to_object(cfg[section])
+    except SettingError as error:
+        raise ConfigError(
+            f"bad value for '{section}.{error.key}' in {source}: {error.problem}"
+        ) from None
+    except (ValueError, TypeError) as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"bad value in '{section}' of {source}: {problem}") from None
 
 
 # Settings a checkpoint is only valid with: change one and "resume" silently trains something
 # else (a new batch size shifts the position in the epoch; a new lr is overridden by the
 # optimizer state). Length (max_epochs, max_steps), logging, checkpointing, paths, device,
 # precision and num_workers may change between runs.
-RESUME_SETTINGS = ("seed", "data", "model", "optim", "trainer.grad_accum_steps")
+# World size is recorded too: with another number of ranks each rank's share of the epoch
+# (and the effective batch) changes, so the saved position would replay or skip data.
+RESUME_SETTINGS = (
+    "seed",
+    "data",
+    "model",
+    "optim",
+    "trainer.grad_accum_steps",
+    "trainer.monitor",
+    "trainer.monitor_mode",
+)
 RESUME_SETTINGS_IGNORED = frozenset({"data.num_workers"})
 
 
-def resume_settings(cfg: DictConfig) -> dict[str, Any]:
+def resume_settings(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
     """The flat ``{dotted.key: value}`` of RESUME_SETTINGS, stored with every checkpoint."""
-    flat: dict[str, Any] = {}
+    flat: dict[str, Any] = {"world_size": world_size}
 
     def add(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
@@ -336,7 +426,7 @@ def check_runtime(cfg: DictConfig) -> None:
     from src.models import MODEL_BUILDERS
     from src.utils.gpu_monitor import cuda_index
 
-    if cfg.model.name not in MODEL_BUILDERS:
+    if OmegaConf.get_type(cfg.model) is MLPConfig and cfg.model.name not in MODEL_BUILDERS:
         known = ", ".join(sorted(MODEL_BUILDERS))
         raise ConfigError(f"unknown model.name {cfg.model.name!r}: choose one of {known}")
     index = cuda_index(cfg.trainer.device)
@@ -393,28 +483,51 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
-def load_experiment_config(argv: list[str] | None = None) -> DictConfig:
+def load_experiment_config(
+    argv: list[str] | None = None,
+    *,
+    model: type | None = None,
+    data: type | None = None,
+    dev_config: str | os.PathLike[str] = DEV_CONFIG,
+    prod_config: str | os.PathLike[str] = PROD_CONFIG,
+) -> DictConfig:
     """Config for an experiment file, from the command line or (in a notebook) from defaults.
 
-    As a script a ConfigError becomes one line on stderr and exit code 2; in a kernel it
-    is raised so the cell shows it without killing the kernel.
+    ``model`` / ``data``: the experiment's own settings dataclasses (``data`` extends
+    DataConfig); they are loaded, overridden and checked like the built-in sections.
+    ``dev_config`` / ``prod_config``: the files DEV_MODE chooses between.
+
+    As a script a ConfigError becomes one line on stderr and exit code 2, and the run
+    directory is locked for this process (a second process on the same run exits at once);
+    in a kernel errors are raised so the cell shows them without killing the kernel.
     """
     notebook = in_notebook()
     if argv is None:
         argv = [] if notebook else sys.argv[1:]
     try:
         config_path, overrides = parse_cli(argv)
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(
+            config_path,
+            overrides,
+            schema=experiment_schema(model, data),
+            dev_config=Path(dev_config),
+            prod_config=Path(prod_config),
+        )
         check_runtime(cfg)
         check_output_dir(cfg)
-        from src.utils.run_io import check_resume_settings
+        from src.utils.run_io import check_resume_settings, run_dir_for
 
-        check_resume_settings(cfg)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_resume_settings(cfg, world_size)
+        if not notebook and int(os.environ.get("RANK", "0")) == 0:
+            from src.utils.run_lock import acquire_run_lock
+
+            acquire_run_lock(run_dir_for(cfg))  # held until this process exits
         return cfg
     except ConfigError as error:
         if notebook:
             raise
-        print(f"config error: {error}", file=sys.stderr)
+        print(f"{error.label}: {error}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG_ERROR) from None
 
 

@@ -81,12 +81,12 @@ def test_secret_copied_by_interpolation_is_scrubbed(monkeypatch: pytest.MonkeyPa
     cfg = load_config(
         DEV_CONFIG,
         [
-            "residual_compare.output_dir=/x/${oc.env:AWS_SECRET_ACCESS_KEY}/y",
+            "paths.output_dir=/x/${oc.env:AWS_SECRET_ACCESS_KEY}/y",
             "logging.wandb_project=${oc.env:HF_TOKEN}",
         ],
     )
     plain = to_plain_dict(cfg)
-    assert plain["residual_compare"]["output_dir"] == f"/x/{REDACTED}/y"
+    assert plain["paths"]["output_dir"] == f"/x/{REDACTED}/y"
     assert plain["logging"]["wandb_project"] == REDACTED
     assert "aws-secret" not in str(plain) and "hf_token_value" not in str(plain)
 

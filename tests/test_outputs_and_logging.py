@@ -63,7 +63,7 @@ def test_wandb_offline_and_no_secret_anywhere(tmp_path: Path) -> None:
         "run_name=secret",
         "logging.wandb=true",
         # A config value that copies a secret in: it must be redacted wherever it lands.
-        "residual_compare.output_dir=/data/${oc.env:AWS_SECRET_ACCESS_KEY}",
+        "logging.wandb_project=proj-${oc.env:AWS_SECRET_ACCESS_KEY}",
     ]
     result = run_experiment(args, env=experiment_env(**FAKE_SECRETS))
     assert result.returncode == 0, result.stderr

@@ -29,25 +29,75 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src.config import EXIT_CONFIG_ERROR, ConfigError, load_config
 from src.sweeps.runner import Task, exit_code, run_tasks, summary_table
 from src.utils.gpu_monitor import check_guardrail, cuda_index, detect_gpus, requirement_from
-from src.utils.paths import LOCAL_FALLBACK_DIR, fallback_reason, resolve_persistent_dir
+from src.utils.paths import (
+    DEFAULT_PERSISTENT_DIR,
+    LOCAL_FALLBACK_DIR,
+    fallback_reason,
+    resolve_persistent_dir,
+)
 from src.utils.run_io import write_json
 
 DTYPES = ("float32", "bfloat16", "float16")
 FALLBACK_DIR = LOCAL_FALLBACK_DIR / "analyses" / "residual_compare"
+RESIDUAL_COMPARE_DIR = f"{DEFAULT_PERSISTENT_DIR}/analyses/residual_compare"
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
 TIMESTAMP_PATTERN = r"\d{8}_\d{6}"
 NORM_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class ResidualModelPair:
+    name: str = MISSING  # what --names selects
+    base: str = MISSING  # local path or Hugging Face id
+    sft: str = MISSING
+
+
+@dataclass
+class ResidualCompareConfig:
+    """The ``residual_compare:`` section of a config file (experiments skip it)."""
+
+    models: list[ResidualModelPair] = field(default_factory=list)
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "The capital of France is",
+            "Explain why the sky is blue in one sentence.",
+        ]
+    )
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    device: str = "cuda"  # cuda | cuda:N | cpu
+    max_length: int = 256  # tokens per prompt; longer prompts are truncated
+    output_dir: str = RESIDUAL_COMPARE_DIR  # falls back to outputs/analyses/... off Vast.ai
+    log_dir: str = f"{RESIDUAL_COMPARE_DIR}/logs"
+    required_gpu_names: list[str] = field(default_factory=lambda: ["A100", "H100", "H200"])
+    min_gpu_memory_gb: float = 40.0  # the guardrail; --force bypasses it
+
+
+@dataclass
+class ResidualSweepFile:
+    """What this sweep reads from a config file: only its own section."""
+
+    residual_compare: ResidualCompareConfig = field(default_factory=ResidualCompareConfig)
+
+
+def load_sweep_config(config_path: str | os.PathLike[str], overrides: list[str]) -> DictConfig:
+    """The ``residual_compare`` section of ``config_path`` plus overrides, checked."""
+    return load_config(
+        config_path, overrides, schema=ResidualSweepFile, sections=("residual_compare",)
+    )
 
 
 # --------------------------------------------------------------------------- planning
@@ -228,7 +278,7 @@ def run_residual_sweep(
 
     Config problems raise ConfigError before anything runs or is written.
     """
-    cfg = load_config(config_path, overrides)
+    cfg = load_sweep_config(config_path, overrides)
     source = f"{config_path} + command-line overrides" if overrides else str(config_path)
     pairs = select(inventory(cfg, source), names)
     section = cfg.residual_compare
@@ -441,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_sweep_config(args.config, args.overrides)
         (pair,) = select(inventory(cfg, args.config), [args.name])
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)

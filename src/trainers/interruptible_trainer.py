@@ -4,6 +4,11 @@ One path, top to bottom (``fit``): resume if the run has a checkpoint, then for 
 epoch train step by step, checkpoint every ``checkpoint.every_n_steps`` and at the
 epoch end, evaluate, track the best model, stop early if asked.
 
+Your model, your batches: ``step_fn(model, batch)`` returns the loss (or a dict with
+``"loss"`` and other scalars), ``collate_fn`` builds batches (dicts, tuples, nestings),
+``optimizer_fn(model)`` builds the optimizer. Without them, ``(inputs, targets)`` batches
+train with ``loss_fn(model(inputs), targets)`` and dict batches with ``model(**batch).loss``.
+
 Interruptions: SIGTERM, SIGINT and ``trainer.extra_stop_signal`` only set a flag.
 At the next step boundary the trainer saves a checkpoint, waits until it is on
 disk, and ``fit`` returns with ``interrupted=True``; scripts then exit with
@@ -11,18 +16,20 @@ disk, and ``fit`` returns with ``interrupted=True``; scripts then exit with
 
 Exact resume: the checkpoint holds model, optimizer, LR scheduler, grad scaler,
 all RNG states, the position inside the epoch (the sampler order is a function of
-seed and epoch), early-stopping state and counters. On CPU an interrupted and
-resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+seed and epoch; worker RNGs are reseeded per batch, see src/data/loaders.py),
+early-stopping state and counters. It is loaded onto the CPU first, so a run saved on
+a GPU resumes on the CPU, another GPU or another precision, and the other way round.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +41,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from src.config import resume_settings
+from src.config import ConfigError, resume_settings
+from src.data.batches import batch_size_of, move_to_device
+from src.data.loaders import EVAL_EPOCH, make_loader
 from src.data.resumable_sampler import ResumableSampler
 from src.utils.checkpoint_manager import CheckpointManager, atomic_torch_save
 from src.utils.distributed import (
@@ -47,13 +56,25 @@ from src.utils.distributed import (
 )
 from src.utils.metric_logger import MetricLogger
 from src.utils.rng import capture_rng_state, restore_rng_state, seed_everything
-from src.utils.run_io import prepare_run_dir, write_json
+from src.utils.run_io import check_resume_settings, prepare_run_dir, run_dir_for, write_json
+from src.utils.run_lock import acquire_run_lock
 from src.utils.signals import EXIT_INTERRUPTED, StopRequest, ignore_stop_signals, parse_signals
 from src.vast.pricing import detect_hourly_rate
 
-__all__ = ["EXIT_INTERRUPTED", "FitResult", "InterruptibleTrainer", "select_device"]
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "FitResult",
+    "InterruptibleTrainer",
+    "default_eval_step",
+    "default_train_step",
+    "select_device",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepOutput = torch.Tensor | Mapping[str, torch.Tensor]
+StepFn = Callable[[nn.Module, Any], StepOutput]
+EvalFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
+OptimizerFn = Callable[[nn.Module], torch.optim.Optimizer]
 
 
 @dataclass
@@ -63,12 +84,18 @@ class TrainState:
     epoch: int = 0  # epochs fully completed
     global_step: int = 0  # optimizer steps taken
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    best_val_loss: float = math.inf
+    best_value: float | None = None  # of trainer.monitor
     best_epoch: int = -1
+    best_step: int = -1
     epochs_without_improvement: int = 0
-    finished: bool = False
+    status: str = "running"  # running | completed | early_stopped
     train_seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in known})
 
 
 @dataclass
@@ -76,7 +103,8 @@ class FitResult:
     status: str  # "completed" | "early_stopped" | "interrupted"
     global_step: int
     epoch: int
-    best_val_loss: float
+    monitor: str  # e.g. "val/loss"
+    best_value: float | None  # best value of ``monitor``
     run_dir: Path
     signal_name: str | None = None
 
@@ -99,8 +127,75 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def model_loss(output: Any) -> torch.Tensor:
+    """The loss a model computed itself: ``output.loss`` or ``output["loss"]`` (Hugging Face)."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            "model(**batch) returned no loss (no .loss attribute or 'loss' key): put the "
+            "labels in the batch, or pass step_fn=(model, batch) -> loss to the trainer"
+        )
+    return loss
+
+
+def _split_pair(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"the default step expects (inputs, targets) or a dict batch, got {type(batch).__name__}"
+        f"{f' of length {len(batch)}' if isinstance(batch, (list, tuple)) else ''}: "
+        "pass step_fn=(model, batch) -> loss to the trainer"
+    )
+
+
+def default_train_step(model: nn.Module, batch: Any, loss_fn: LossFn) -> torch.Tensor:
+    """``loss_fn(model(inputs), targets)``, or ``model(**batch)``'s own loss for dict batches."""
+    if isinstance(batch, Mapping):
+        return model_loss(model(**batch))
+    inputs, targets = _split_pair(batch)
+    return loss_fn(model(inputs), targets)
+
+
+def default_eval_step(model: nn.Module, batch: Any, loss_fn: LossFn) -> dict[str, torch.Tensor]:
+    """The loss, plus accuracy where it means something: integer class targets, logits."""
+    if isinstance(batch, Mapping):
+        return {"loss": model_loss(model(**batch))}
+    inputs, targets = _split_pair(batch)
+    output = model(inputs)
+    metrics = {"loss": loss_fn(output.float(), targets)}
+    is_classification = (
+        isinstance(targets, torch.Tensor)
+        and not targets.is_floating_point()
+        and output.ndim == targets.ndim + 1
+    )
+    if is_classification:
+        metrics["accuracy"] = (output.argmax(dim=-1) == targets).float().mean()
+    return metrics
+
+
+def _as_metrics(output: StepOutput) -> dict[str, torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return {"loss": output}
+    if not isinstance(output, Mapping) or "loss" not in output:
+        raise TypeError(
+            "step_fn must return a loss tensor or a dict with a 'loss' key, "
+            f"got {type(output).__name__}"
+        )
+    return dict(output)
+
+
 class InterruptibleTrainer:
-    """Trains ``model`` on ``train_set`` with the settings in ``cfg`` (see configs/)."""
+    """Trains ``model`` on ``train_set`` with the settings in ``cfg`` (see configs/).
+
+    ``collate_fn``: handed to the DataLoader. ``step_fn(model, batch)``: a loss tensor or
+    a dict with ``"loss"`` and other scalar tensors (logged as train/<name>).
+    ``eval_fn(model, batch)``: a dict of scalar metrics, averaged per sample over the
+    validation set and logged as val/<name> (default: ``step_fn`` under no_grad).
+    ``optimizer_fn(model)``: the optimizer (default: AdamW from ``cfg.optim``).
+    ``loss_fn``: used by the default step for ``(inputs, targets)`` batches.
+    """
 
     def __init__(
         self,
@@ -108,6 +203,11 @@ class InterruptibleTrainer:
         model: nn.Module,
         train_set: Dataset,
         val_set: Dataset,
+        *,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        step_fn: StepFn | None = None,
+        eval_fn: EvalFn | None = None,
+        optimizer_fn: OptimizerFn | None = None,
         loss_fn: LossFn = F.cross_entropy,
     ) -> None:
         self.cfg = cfg
@@ -115,20 +215,39 @@ class InterruptibleTrainer:
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.is_distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        # Before anything is written: a changed setting is an error, a live run owns the dir.
+        check_resume_settings(cfg, self.dist.world_size)
+        self._run_lock = acquire_run_lock(run_dir_for(cfg)) if self.dist.is_main else None
         self.run_dir = prepare_run_dir(cfg, is_main=self.dist.is_main)
-        self.train_set, self.val_set, self.loss_fn = train_set, val_set, loss_fn
+        self.train_set, self.val_set = train_set, val_set
+        self.collate_fn = collate_fn
+        if step_fn is None:
+            step_fn = functools.partial(default_train_step, loss_fn=loss_fn)
+            eval_fn = eval_fn or functools.partial(default_eval_step, loss_fn=loss_fn)
+        self.step_fn, self.eval_fn = step_fn, eval_fn or step_fn
         self.model = model.to(self.device)
-        self.train_model: nn.Module = self.model
+        self.train_model: nn.Module = self.model  # what the step function sees while training
         if self.dist.is_distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids)
+        if cfg.trainer.compile:
+            # Compiled for training only: checkpoints save self.model, so no _orig_mod. keys.
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
 
         self.precision = self._effective_precision(cfg.trainer.precision)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        self.optimizer = (
+            optimizer_fn(self.model)
+            if optimizer_fn is not None
+            else torch.optim.AdamW(
+                self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+            )
         )
         self.sampler = ResumableSampler(
-            len(train_set), cfg.seed, True, self.dist.rank, self.dist.world_size
+            len(train_set),  # type: ignore[arg-type]
+            cfg.seed,
+            True,
+            self.dist.rank,
+            self.dist.world_size,
         )
         self.batches_per_epoch = math.ceil(len(self.sampler) / cfg.data.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.trainer.grad_accum_steps)
@@ -154,7 +273,8 @@ class InterruptibleTrainer:
             is_writer=self.dist.is_main,
         )
         self.state = TrainState()
-        self._resume_settings = resume_settings(cfg)
+        self.monitor = cfg.trainer.monitor
+        self._resume_settings = resume_settings(cfg, self.dist.world_size)
         self._last_tick = time.perf_counter()
         # Running sums for the epoch's mean train loss, kept on the device (no sync per step).
         self._epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -171,48 +291,65 @@ class InterruptibleTrainer:
 
     def fit(self) -> FitResult:
         """Train to the end (or until a stop signal); safe to call again to resume."""
-        with self.stop_request:
-            resumed_step = self._resume()
-            self._last_tick = time.perf_counter()
-            logger = MetricLogger(self.cfg, self.run_dir, resumed_step, self.dist.is_main)
-            bar = self._progress_bar()
-            try:
-                status = self._run_epochs(logger, bar)
-            finally:
-                bar.close()
-                logger.close()
-                self.checkpoints.wait()  # pending writes are durable before we return
-        if status != "interrupted" and self.dist.is_main:
-            atomic_torch_save(self.model.state_dict(), self.run_dir / "final_model.pt")
-            write_json(self.run_dir / "training_log.json", self.state.history)
-        barrier(self.dist)  # other ranks read best_model.pt only once rank 0 has written it
+        try:
+            with self.stop_request:
+                resumed_step = self._resume()
+                self._last_tick = time.perf_counter()
+                logger = MetricLogger(self.cfg, self.run_dir, resumed_step, self.dist.is_main)
+                bar = self._progress_bar()
+                try:
+                    status = self._run_epochs(logger, bar)
+                finally:
+                    bar.close()
+                    logger.close()
+                    self.checkpoints.wait()  # pending writes are durable before we return
+            if status != "interrupted" and self.dist.is_main:
+                atomic_torch_save(self.model.state_dict(), self.run_dir / "final_model.pt")
+                write_json(self.run_dir / "training_log.json", self.state.history)
+            barrier(self.dist)  # other ranks read best_model.pt only once rank 0 has written it
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
         return FitResult(
             status=status,
             global_step=self.state.global_step,
             epoch=self.state.epoch,
-            best_val_loss=self.state.best_val_loss,
+            monitor=self.monitor,
+            best_value=self.state.best_value,
             run_dir=self.run_dir,
             signal_name=self.stop_request.signal_name,
         )
 
+    def _work_left(self) -> bool:
+        state = self.state
+        return (
+            state.status != "early_stopped"
+            and state.epoch < self.cfg.trainer.max_epochs
+            and state.global_step < self.total_steps
+        )
+
     def _run_epochs(self, logger: MetricLogger, bar: tqdm) -> str:
-        cfg, state = self.cfg, self.state
-        while not state.finished and state.epoch < cfg.trainer.max_epochs:
+        state = self.state
+        while self._work_left():
             outcome = self._train_epoch(logger, bar)
             if outcome == "interrupted":
                 return "interrupted"
-            improved, early_stop = self._end_epoch(logger)
-            state.finished = early_stop or state.global_step >= self.total_steps
+            # At max_steps mid-epoch: evaluate, but keep the position (a longer re-run goes on).
+            improved, early_stop = self._evaluate_and_record(logger, epoch_done=outcome == "done")
+            if early_stop:
+                state.status = "early_stopped"
+            elif not self._work_left():
+                state.status = "completed"
             self._save_checkpoint(is_best=improved)
             if early_stop:
                 waited = state.epochs_without_improvement
-                self._print(f"early stopping: no val improvement for {waited} epochs")
+                self._print(f"early stopping: no {self.monitor} improvement for {waited} epochs")
                 return "early_stopped"
-            if self._stop_requested():
+            if self._work_left() and self._stop_requested():
                 self.checkpoints.wait()
                 return "interrupted"
-        state.finished = True
-        return "completed"
+        state.status = "early_stopped" if state.status == "early_stopped" else "completed"
+        return state.status
 
     def _train_epoch(self, logger: MetricLogger, bar: tqdm) -> str:
         cfg, state = self.cfg, self.state
@@ -220,31 +357,33 @@ class InterruptibleTrainer:
         self.sampler.set_epoch(state.epoch, start_index=state.batch_in_epoch * cfg.data.batch_size)
         loader = self._loader(self.train_set, self.sampler)
         self.train_model.train()
-        for features, targets in loader:
+        non_blocking = self.device.type == "cuda"
+        for batch in loader:
             group_start = (state.batch_in_epoch // accum) * accum
             group_size = min(accum, self.batches_per_epoch - group_start)
             is_last_micro = state.batch_in_epoch + 1 == group_start + group_size
-            features = features.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+            batch = move_to_device(batch, self.device, non_blocking)
             sync = contextlib.nullcontext()
             if self.dist.is_distributed and not is_last_micro:
                 sync = self.train_model.no_sync()  # type: ignore[operator]
             with sync, self._autocast():
-                loss = self.loss_fn(self.train_model(features), targets)
+                metrics = _as_metrics(self.step_fn(self.train_model, batch))
+                loss = metrics["loss"]
                 self.scaler.scale(loss / group_size).backward()
+            samples = batch_size_of(batch)
             state.batch_in_epoch += 1
-            self._epoch_loss_sum += loss.detach().double() * targets.shape[0]
-            self._epoch_samples += targets.shape[0]
+            self._epoch_loss_sum += loss.detach().double() * samples
+            self._epoch_samples += samples
             if not is_last_micro:
                 continue
             self._optimizer_step()
             bar.update(1)
             if state.global_step % cfg.trainer.log_every_n_steps == 0:
-                self._log_step(logger, bar, loss)
-            if state.global_step >= self.total_steps:
-                return "max_steps"
-            stop = self._stop_requested()
+                self._log_step(logger, bar, metrics)
             at_epoch_end = state.batch_in_epoch >= self.batches_per_epoch
+            if state.global_step >= self.total_steps and not at_epoch_end:
+                return "max_steps"
+            stop = self._stop_requested()  # at an epoch end too: evaluation can wait
             periodic = state.global_step % cfg.checkpoint.every_n_steps == 0 and not at_epoch_end
             if stop or periodic:
                 # On stop: no staging copy, and durable before we say so.
@@ -252,7 +391,7 @@ class InterruptibleTrainer:
             if stop:
                 self._print(f"saved checkpoint at step {state.global_step}; re-run to resume")
                 return "interrupted"
-        return "epoch_done"
+        return "done"
 
     def _optimizer_step(self) -> None:
         if self.cfg.trainer.grad_clip_norm > 0:
@@ -264,11 +403,16 @@ class InterruptibleTrainer:
         self.scheduler.step()
         self.state.global_step += 1
 
-    def _end_epoch(self, logger: MetricLogger) -> tuple[bool, bool]:
-        """Validate, update best/early-stopping state and the history; reset epoch counters."""
+    def _evaluate_and_record(self, logger: MetricLogger, epoch_done: bool) -> tuple[bool, bool]:
+        """Validate, update best/early-stopping state and the history.
+
+        ``epoch_done`` False (stopped by max_steps mid-epoch): the epoch counter and the
+        position stay, and the evaluation does not count towards early-stopping patience.
+        """
         cfg, state = self.cfg, self.state
         self._tick()
         val = self.evaluate(self.val_set)
+        value = self._monitored_value(val)
         loss_sum, samples = sum_over_ranks(
             torch.stack(
                 [self._epoch_loss_sum, self._epoch_loss_sum.new_tensor(self._epoch_samples)]
@@ -276,48 +420,83 @@ class InterruptibleTrainer:
             self.dist,
         )
         train_loss = (loss_sum / max(1.0, samples.item())).item()
-        improved = val["loss"] < state.best_val_loss - cfg.trainer.early_stopping_min_delta
+        improved = self._improves(value)
         if improved:
-            state.best_val_loss, state.best_epoch = val["loss"], state.epoch
-            state.epochs_without_improvement = 0
-        else:
-            state.epochs_without_improvement += 1
+            state.best_value, state.best_epoch, state.best_step = (
+                value,
+                state.epoch,
+                state.global_step,
+            )
+        if epoch_done:
+            state.epochs_without_improvement = (
+                0 if improved else state.epochs_without_improvement + 1
+            )
         patience = cfg.trainer.early_stopping_patience
         early_stop = patience > 0 and state.epochs_without_improvement >= patience
-        record = {
+        record: dict[str, Any] = {
             "epoch": state.epoch,
             "step": state.global_step,
             "train_loss": train_loss,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
+            **{f"val_{name}": metric for name, metric in val.items()},
             "lr": self.scheduler.get_last_lr()[0],
             "elapsed_s": round(state.train_seconds, 3),
         }
+        if not epoch_done:
+            record["partial_epoch"] = True
         state.history.append(record)
-        logger.log({"val/loss": val["loss"], "val/accuracy": val["accuracy"]}, state.global_step)
-        self._print_epoch_summary(record)
-        state.epoch += 1
-        state.batch_in_epoch = 0
-        self._epoch_loss_sum.zero_()
-        self._epoch_samples = 0
+        logger.log({f"val/{name}": metric for name, metric in val.items()}, state.global_step)
+        self._print_epoch_summary(record, val)
+        if epoch_done:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            self._epoch_loss_sum.zero_()
+            self._epoch_samples = 0
         return improved, early_stop
+
+    def _monitored_value(self, val: Mapping[str, float]) -> float:
+        name = self.monitor.split("/", 1)[1]
+        if name not in val:
+            known = ", ".join(f"val/{key}" for key in val)
+            raise ConfigError(
+                f"trainer.monitor={self.monitor!r} is not a validation metric (this run has "
+                f"{known}): set trainer.monitor to one of them"
+            )
+        return val[name]
+
+    def _improves(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        best = self.state.best_value
+        if best is None:
+            return True
+        delta = self.cfg.trainer.early_stopping_min_delta
+        if self.cfg.trainer.monitor_mode == "max":
+            return value > best + delta
+        return value < best - delta
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        """Mean loss and accuracy over ``dataset`` (the full set, on every rank)."""
+        """Every metric ``eval_fn`` returns, averaged per sample over ``dataset`` (every rank
+        evaluates the full set)."""
         self.model.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        sampler = ResumableSampler(len(dataset), seed=0, shuffle=False)
-        for features, targets in self._loader(dataset, sampler):
-            features, targets = features.to(self.device), targets.to(self.device)
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        sampler = ResumableSampler(len(dataset), seed=0, shuffle=False)  # type: ignore[arg-type]
+        sampler.set_epoch(EVAL_EPOCH)
+        non_blocking = self.device.type == "cuda"
+        for batch in self._loader(dataset, sampler):
+            batch = move_to_device(batch, self.device, non_blocking)
             with self._autocast():
-                logits = self.model(features)
-            loss_sum += self.loss_fn(logits.float(), targets).double() * targets.shape[0]
-            correct += (logits.argmax(dim=-1) == targets).sum()
+                metrics = _as_metrics(self.eval_fn(self.model, batch))
+            samples = batch_size_of(batch)
+            for name, metric in metrics.items():
+                total = sums.setdefault(
+                    name, torch.zeros((), dtype=torch.float64, device=self.device)
+                )
+                total += torch.as_tensor(metric).detach().double().to(self.device) * samples
+            count += samples
         self.model.train()
-        count = max(1, len(dataset))  # type: ignore[arg-type]
-        return {"loss": (loss_sum / count).item(), "accuracy": correct.item() / count}
+        return {name: (total / max(1, count)).item() for name, total in sums.items()}
 
     def test(self, test_set: Dataset, use_best: bool = True) -> dict[str, Any]:
         """Evaluate on the test set (with the best weights) and write test_results.json."""
@@ -325,17 +504,19 @@ class InterruptibleTrainer:
         best_path = self.run_dir / "best_model.pt"
         if use_best and best_path.is_file():
             final_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-            self.model.load_state_dict(torch.load(best_path, map_location=self.device))
+            self.model.load_state_dict(torch.load(best_path, map_location="cpu"))
             weights = "best"
         metrics = self.evaluate(test_set)
         if weights == "best":
             self.model.load_state_dict(final_state)
+        best_key = f"best_{self.monitor.replace('/', '_')}"  # best_val_loss by default
         results = {
-            "test_loss": metrics["loss"],
-            "test_accuracy": metrics["accuracy"],
+            **{f"test_{name}": value for name, value in metrics.items()},
             "weights": weights,
-            "best_val_loss": self.state.best_val_loss,
+            "monitor": self.monitor,
+            best_key: self.state.best_value,
             "best_epoch": self.state.best_epoch,
+            "best_step": self.state.best_step,
             "global_step": self.state.global_step,
             "epochs": self.state.epoch,
             "train_seconds": round(self.state.train_seconds, 3),
@@ -382,17 +563,20 @@ class InterruptibleTrainer:
         )
 
     def _resume(self) -> int:
-        loaded = self.checkpoints.load_latest(map_location=self.device)
+        # Always onto the CPU first: RNG states must stay CPU tensors, and each part then
+        # goes where it lives now (a GPU run resumes on CPU, and the other way round).
+        loaded = self.checkpoints.load_latest(map_location="cpu")
         if loaded is None:
             seed_everything(self.cfg.seed + self.dist.rank)
             self._print(f"starting run '{self.cfg.run_name}' in {self.run_dir}")
             return 0
         checkpoint, info = loaded
         self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])  # moves state to param devices
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        self.state = TrainState(**checkpoint["trainer"])
+        if should_load_scaler(checkpoint["scaler"], self.scaler.is_enabled()):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state = TrainState.from_checkpoint(checkpoint["trainer"])
         self._epoch_loss_sum = checkpoint["epoch_loss_sum"].to(self.device)
         self._epoch_samples = checkpoint["epoch_samples"]
         rng_states = checkpoint["rng"]
@@ -401,23 +585,29 @@ class InterruptibleTrainer:
             f"resuming from {info.path} at step {self.state.global_step} "
             f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})"
         )
+        if self.state.status == "completed" and self._work_left():
+            self.state.status = "running"
+            self._print(
+                f"extending the finished run: trained {self.state.global_step} steps, "
+                f"now up to {self.total_steps} (max_epochs={self.cfg.trainer.max_epochs}, "
+                f"max_steps={self.cfg.trainer.max_steps}); the LR follows the schedule "
+                "recomputed for the new length from this step on"
+            )
         return self.state.global_step
 
     # ----- helpers ----------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, sampler: ResumableSampler) -> DataLoader:
-        workers = self.cfg.data.num_workers
-        return DataLoader(
+        return make_loader(
             dataset,
+            sampler,
             batch_size=self.cfg.data.batch_size,
-            sampler=sampler,
-            num_workers=workers,
+            seed=self.cfg.seed,
+            rank=self.dist.rank,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
             worker_init_fn=functools.partial(ignore_stop_signals, self._stop_signal_names),
-            # Its own generator: creating an iterator must not draw from the global RNG,
-            # or a resumed run's dropout masks would shift.
-            generator=torch.Generator().manual_seed(self.cfg.seed),
-            persistent_workers=False,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -451,22 +641,27 @@ class InterruptibleTrainer:
             file=sys.stderr,
         )
 
-    def _log_step(self, logger: MetricLogger, bar: tqdm, loss: torch.Tensor) -> None:
-        loss_value = loss.item()
+    def _log_step(
+        self, logger: MetricLogger, bar: tqdm, metrics: Mapping[str, torch.Tensor]
+    ) -> None:
+        values = {name: float(value.detach()) for name, value in metrics.items()}  # one sync
         lr = self.scheduler.get_last_lr()[0]
-        logger.log({"train/loss": loss_value, "train/lr": lr}, self.state.global_step)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+        logger.log(
+            {**{f"train/{name}": value for name, value in values.items()}, "train/lr": lr},
+            self.state.global_step,
+        )
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
 
-    def _print_epoch_summary(self, record: dict[str, float]) -> None:
+    def _print_epoch_summary(self, record: dict[str, Any], val: Mapping[str, float]) -> None:
         steps_done = max(1, self.state.global_step)
         seconds_per_step = self.state.train_seconds / steps_done
         eta = seconds_per_step * max(0, self.total_steps - self.state.global_step)
+        label = "epoch" if not record.get("partial_epoch") else "max_steps in epoch"
         parts = [
-            f"epoch {record['epoch'] + 1}/{self.cfg.trainer.max_epochs}",
+            f"{label} {record['epoch'] + 1}/{self.cfg.trainer.max_epochs}",
             f"step {record['step']}/{self.total_steps}",
             f"train_loss {record['train_loss']:.4f}",
-            f"val_loss {record['val_loss']:.4f}",
-            f"val_acc {record['val_accuracy']:.3f}",
+            *(f"val_{name} {value:.4f}" for name, value in val.items()),
             f"elapsed {_fmt_seconds(self.state.train_seconds)}",
             f"ETA {_fmt_seconds(eta)}",
         ]
@@ -478,6 +673,15 @@ class InterruptibleTrainer:
         if self.dist.is_main:
             tqdm.write(f"[trainer] {message}", file=sys.stdout)
             sys.stdout.flush()
+
+
+def should_load_scaler(saved_state: Mapping[str, Any], scaler_enabled: bool) -> bool:
+    """Load a saved GradScaler state only when both runs use one (fp16 on CUDA).
+
+    A bf16 or fp32 run saves an empty state, and loading that into an enabled scaler
+    raises; a saved fp16 state means nothing to a disabled scaler.
+    """
+    return scaler_enabled and bool(saved_state)
 
 
 def _fmt_seconds(seconds: float) -> str:

@@ -100,6 +100,12 @@ class _StagingBuffer:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._source_devices: set[torch.device] = set()
+
+    def take_source_devices(self) -> list[torch.device]:
+        """CUDA devices copied from since the last call (each needs a synchronize)."""
+        devices, self._source_devices = sorted(self._source_devices, key=str), set()
+        return devices
 
     def stage(self, value: Any, key: tuple = ()) -> Any:
         if isinstance(value, torch.Tensor):
@@ -119,6 +125,8 @@ class _StagingBuffer:
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
             self._buffers[key] = buffer
         buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+        if tensor.is_cuda:
+            self._source_devices.add(tensor.device)
         return buffer
 
 
@@ -181,8 +189,10 @@ class CheckpointManager:
         background = self.async_save and not blocking
         if background:
             snapshot = self._staging.stage(state)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # the non_blocking copies into pinned memory must land
+            # The non_blocking copies into pinned memory must land: synchronize each device
+            # they came from (under torchrun that is this rank's GPU, not GPU 0).
+            for device in self._staging.take_source_devices():
+                torch.cuda.synchronize(device)
         else:
             snapshot = state  # the caller waits for the write, so nothing can change under it
         job_args = (snapshot, step, is_best, dict(metadata or {}), best_model_path)
@@ -230,6 +240,10 @@ class CheckpointManager:
         sidecar = path.with_suffix(".json")
         sidecar.unlink(missing_ok=True)  # re-saving a step: invalidate the old one first
         digest, size = atomic_torch_save(snapshot, path)
+        # best_model.pt is durable before the sidecar commits the checkpoint that names it:
+        # a kill in between leaves the previous checkpoint newest, and the replay rewrites it.
+        if best_model_path is not None and "model" in snapshot:
+            atomic_torch_save(snapshot["model"], Path(best_model_path))
         record = {
             "step": step,
             "file": path.name,
@@ -240,8 +254,6 @@ class CheckpointManager:
             "metadata": metadata,
         }
         atomic_write_bytes(sidecar, json.dumps(record, indent=2).encode())
-        if best_model_path is not None and "model" in snapshot:
-            atomic_torch_save(snapshot["model"], Path(best_model_path))
         if self.remote is not None:
             self.remote.upload(path, path.name)
             self.remote.upload(sidecar, sidecar.name)

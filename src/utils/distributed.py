@@ -38,6 +38,10 @@ def init_distributed(device_type: str) -> DistInfo:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         world_size=world_size,
     )
+    if device_type == "cuda":
+        # Before the process group: NCCL, object collectives and pinned-memory threads use
+        # the current device, which is GPU 0 on every rank unless set here.
+        torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return info

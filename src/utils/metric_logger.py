@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from src.config import to_plain_dict
+from src.config import scrub_secret_values, secret_values, to_plain_dict
 
 
 class MetricLogger:
@@ -55,8 +55,10 @@ def _init_wandb(cfg: DictConfig, run_dir: Path) -> Any:
     # A stable id per run directory, so a re-run resumes the same W&B run.
     run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
     os.environ.setdefault("WANDB_SILENT", "true")
+    # A project name interpolated from the environment could carry a secret into W&B's files.
+    project = scrub_secret_values(cfg.logging.wandb_project, secret_values())
     return wandb.init(
-        project=cfg.logging.wandb_project,
+        project=project,
         name=cfg.run_name,
         id=run_id,
         resume="allow",

@@ -44,11 +44,12 @@ def prepare_run_dir(cfg: DictConfig, is_main: bool = True) -> Path:
     return run_dir
 
 
-def check_resume_settings(cfg: DictConfig) -> None:
+def check_resume_settings(cfg: DictConfig, world_size: int = 1) -> None:
     """Refuse to resume a run whose newest checkpoint was made with other RESUME_SETTINGS.
 
-    Called before anything is written, so a mistyped override costs a one-line error
-    instead of a run that silently trains something else from the old weights.
+    Called before anything is written (by the experiment's config loader, and again by the
+    trainer for code that builds it directly), so a mistyped override costs a one-line
+    error instead of a run that silently trains something else from the old weights.
     """
     from src.utils.checkpoint_manager import read_checkpoint_infos
 
@@ -57,7 +58,8 @@ def check_resume_settings(cfg: DictConfig) -> None:
     saved = infos[0].metadata.get("resume_settings") if infos else None
     if not isinstance(saved, dict):
         return  # a new run, or checkpoints from before settings were recorded
-    now = resume_settings(cfg)
+    saved = {"world_size": 1, **saved}  # recorded since multi-rank resume checks
+    now = resume_settings(cfg, world_size)
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
     if changed:
         diffs = ", ".join(f"{key}={saved.get(key)!r} (now {now.get(key)!r})" for key in changed[:3])

@@ -21,10 +21,12 @@ def experiment_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_experiment(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_experiment(
+    args: list[str], env: dict[str, str] | None = None, experiment: Path = EXPERIMENT
+) -> subprocess.Popen:
     """Start in its own process group, so a test can signal it and its DataLoader workers."""
     return subprocess.Popen(
-        [sys.executable, str(EXPERIMENT), *args],
+        [sys.executable, str(experiment), *args],
         cwd=REPO_ROOT,
         env=env or experiment_env(),
         stdout=subprocess.PIPE,
@@ -35,10 +37,13 @@ def start_experiment(args: list[str], env: dict[str, str] | None = None) -> subp
 
 
 def run_experiment(
-    args: list[str], env: dict[str, str] | None = None, timeout: float = 180
+    args: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    experiment: Path = EXPERIMENT,
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(EXPERIMENT), *args],
+        [sys.executable, str(experiment), *args],
         cwd=REPO_ROOT,
         env=env or experiment_env(),
         capture_output=True,
@@ -76,11 +81,13 @@ def assert_bit_identical(left: Path, right: Path) -> None:
         assert torch.equal(a[name], b[name]), f"{name} differs between {left} and {right}"
 
 
-def interrupt_at_step(args: list[str], run_dir: Path, step: int) -> None:
+def interrupt_at_step(
+    args: list[str], run_dir: Path, step: int, experiment: Path = EXPERIMENT
+) -> None:
     """Run until a checkpoint at ``step`` exists, SIGTERM it, expect a clean interrupted exit."""
     from src.utils.signals import EXIT_INTERRUPTED
 
-    process = start_experiment(args)
+    process = start_experiment(args, experiment=experiment)
     wait_for_checkpoint(process, run_dir, step)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)

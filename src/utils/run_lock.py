@@ -1,0 +1,94 @@
+"""One process per run directory: an exclusive ``flock`` on ``<run_dir>/.run.lock``.
+
+A re-run started while the old job still lives (in a forgotten tmux pane, say) would
+delete the other's temporary files and then both would train into the same checkpoints.
+The kernel drops an flock when its process dies, however it dies, so a lock file left by
+a SIGKILLed run never blocks: only a live holder does. The file keeps the holder's PID,
+host and start time, for the message the second process prints.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from src.config import ConfigError
+
+LOCK_NAME = ".run.lock"
+
+
+class RunInUseError(ConfigError):
+    """Another live process holds the run directory."""
+
+    label = "error"
+
+
+class RunLock:
+    """A held lock; ``release()`` when this process is done with the run (or just exit)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd, self._holders = path, fd, 1
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def release(self) -> None:
+        """Drop one hold; the lock goes when the last holder in this process releases."""
+        if not self.held:
+            return
+        self._holders -= 1
+        if self._holders == 0:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = -1
+            _HELD.pop(self.path, None)
+
+
+# flock belongs to an open file description: a second open() in this process would conflict
+# with the first, so holds within one process (a script, then its trainer) share one lock.
+_HELD: dict[Path, RunLock] = {}
+
+
+def acquire_run_lock(run_dir: Path) -> RunLock:
+    """Lock ``run_dir`` (created if needed) for this process, or raise RunInUseError."""
+    run_dir = Path(run_dir)
+    path = (run_dir / LOCK_NAME).resolve()
+    held = _HELD.get(path)
+    if held is not None and held.held:
+        held._holders += 1
+        return held
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _describe_holder(fd)
+        os.close(fd)
+        raise RunInUseError(
+            f"run directory {run_dir} is in use by {holder}: wait for that run to finish, "
+            "stop it (kill -TERM <pid>: it saves and exits), or use another run_name"
+        ) from None
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv)[:200],
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    lock = RunLock(path, fd)
+    _HELD[path] = lock
+    return lock
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"PID {info['pid']} on {info['host']} (since {info['started_at']})"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "another process (it is still starting)"

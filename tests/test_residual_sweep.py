@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 
-from src.config import ConfigError, load_config
+from src.config import ConfigError
 from src.sweeps.residual_compare import (
     ModelPair,
     compare_pair,
     compare_states,
     existing_output,
+    load_sweep_config,
     output_filename,
     resolve_dirs,
     run_residual_sweep,
@@ -272,7 +273,7 @@ def test_config_problems_are_caught_before_anything_runs(
 
 
 def test_log_dir_falls_back_when_workspace_is_missing(tmp_path: Path, capsys) -> None:
-    cfg = load_config(REPO_ROOT / "configs" / "dev_config.yaml")  # /workspace defaults
+    cfg = load_sweep_config(REPO_ROOT / "configs" / "dev_config.yaml", [])  # /workspace defaults
     dirs = resolve_dirs(cfg, fallback=tmp_path / "fallback")
     assert capsys.readouterr().err == ""  # the sweep prints dirs.describe(): one line, not three
     if VOLUME_ROOT.is_dir():  # on a Vast.ai-style box the volume itself is used
@@ -289,7 +290,7 @@ def test_log_dir_falls_back_when_workspace_is_missing(tmp_path: Path, capsys) ->
 def test_explicit_unwritable_dir_is_an_error_not_a_silent_move(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    cfg = load_config(write_config(tmp_path, [], log_dir=str(blocker / "logs")))
+    cfg = load_sweep_config(write_config(tmp_path, [], log_dir=str(blocker / "logs")), [])
     with pytest.raises(
         ConfigError, match=r"not writable: choose another with residual_compare\.log_dir="
     ):

@@ -1,4 +1,4 @@
-"""Run the template experiment cell by cell in a real Jupyter kernel, like VS Code's Run Cell.
+"""Run each experiment cell by cell in a real Jupyter kernel, like VS Code's Run Cell.
 
 The file is split on its `# %%` markers (jupytext's percent format, the one VS Code
 uses) and each code cell is sent, in order, to an IPython kernel started in the repo
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jupytext
@@ -28,8 +29,14 @@ def repo_copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_cells(repo: Path, set_file: bool) -> list[str]:
-    notebook = jupytext.read(repo / "experiments" / "template_experiment.py", fmt="py:percent")
+def run_cells(
+    repo: Path,
+    set_file: bool,
+    experiment: str = "template_experiment.py",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    path = repo / "experiments" / experiment
+    notebook = jupytext.read(path, fmt="py:percent")
     code_cells = [cell.source for cell in notebook.cells if cell.cell_type == "code"]
     assert len(code_cells) >= 6, "expected setup, data, model, train, evaluate, inspect cells"
     # Edit the overrides line, as a user would, so a machine that has /workspace (a Vast.ai
@@ -37,15 +44,13 @@ def run_cells(repo: Path, set_file: bool) -> list[str]:
     default_line = "overrides: list[str] = []"
     assert default_line in code_cells[0]
     output_dir = repo / "outputs"
-    code_cells[0] = code_cells[0].replace(
-        default_line, f"overrides = ['paths.output_dir={output_dir}']"
-    )
+    overrides = [f"paths.output_dir={output_dir}", *extra]
+    code_cells[0] = code_cells[0].replace(default_line, f"overrides = {overrides!r}")
     env = {"DEV_MODE": "True", "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"}
     manager, client = start_new_kernel(kernel_name="python3", cwd=str(repo), env=env)
     outputs: list[str] = []
     try:
         if set_file:  # what VS Code's Interactive Window does before running a file's cells
-            path = repo / "experiments" / "template_experiment.py"
             client.execute_interactive(f"__file__ = {str(path)!r}", timeout=60)
         for index, source in enumerate(code_cells):
             texts: list[str] = []
@@ -66,11 +71,32 @@ def run_cells(repo: Path, set_file: bool) -> list[str]:
     return outputs
 
 
-@pytest.mark.parametrize("set_file", [True, False], ids=["vscode-__file__", "plain-kernel"])
-def test_cells_run_in_order_in_a_kernel(repo_copy: Path, set_file: bool) -> None:
-    outputs = run_cells(repo_copy, set_file)
-    run_dir = repo_copy / "outputs" / "template-dev"
+def check_template(run_dir: Path, outputs: list[str]) -> None:
     results = json.loads((run_dir / "test_results.json").read_text())
     assert 0.0 <= results["test_accuracy"] <= 1.0
     assert any("test_loss" in text for text in outputs)
     assert (run_dir / "final_model.pt").is_file()
+
+
+def check_char_lm(run_dir: Path, outputs: list[str]) -> None:
+    results = json.loads((run_dir / "test_results.json").read_text())
+    assert results["test_loss"] > 0 and results["test_perplexity"] >= 1.0
+    assert any("test_perplexity" in text for text in outputs)
+    sample = outputs[-1].split("--- sample ---\n", 1)[-1]  # the last cell samples text
+    assert sample.startswith("The trainer ") and len(sample.strip()) > len("The trainer ") + 100
+    assert (run_dir / "best_model.pt").is_file() and (run_dir / "final_model.pt").is_file()
+
+
+# file -> (run_name in its dev config, overrides that keep the test short, the checks)
+EXPERIMENTS: dict[str, tuple[str, list[str], Callable[[Path, list[str]], None]]] = {
+    "template_experiment.py": ("template-dev", [], check_template),
+    "char_lm_experiment.py": ("char-lm-dev", ["trainer.max_steps=20"], check_char_lm),
+}
+
+
+@pytest.mark.parametrize("experiment", list(EXPERIMENTS), ids=["template", "char_lm"])
+@pytest.mark.parametrize("set_file", [True, False], ids=["vscode-__file__", "plain-kernel"])
+def test_cells_run_in_order_in_a_kernel(repo_copy: Path, set_file: bool, experiment: str) -> None:
+    run_name, extra, check = EXPERIMENTS[experiment]
+    outputs = run_cells(repo_copy, set_file, experiment, extra)
+    check(repo_copy / "outputs" / run_name, outputs)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from src.config import DataConfig
+from src.config import DataConfig, require
 from src.data.splits import split_sizes
 from src.utils.paths import REPO_ROOT
 
@@ -47,22 +47,14 @@ class CharTextDataConfig(DataConfig):
     seed: int = 1234  # the split itself, independent of the training seed
 
     def __post_init__(self) -> None:
-        parent_check = getattr(super(), "__post_init__", None)
-        if parent_check is not None:
-            parent_check()
-        if not self.patterns:
-            raise ValueError("patterns must name at least one glob, got []")
-        if self.max_chars < 1:
-            raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
+        super().__post_init__()
+        require(len(self.patterns) > 0, "patterns", list(self.patterns), "at least one glob")
+        require(self.max_chars >= 1, "max_chars", self.max_chars, "an integer >= 1")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must be in (0, 1), got {value}")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(
-                "val_fraction + test_fraction must be < 1, got "
-                f"{self.val_fraction} + {self.test_fraction}"
-            )
+            require(0.0 < value < 1.0, name, value, "a number in (0, 1)")
+        fractions = self.val_fraction + self.test_fraction
+        require(fractions < 1.0, "val_fraction", self.val_fraction, "val + test < 1")
 
 
 class CharVocab:

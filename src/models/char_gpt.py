@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.config import require
 from src.data.char_text import IGNORE_INDEX
 
 ADAM_BETAS = (0.9, 0.95)  # nanoGPT/GPT-3: a shorter second-moment memory is steadier for LMs
@@ -35,16 +36,14 @@ class CharGPTConfig:
     def __post_init__(self) -> None:
         # Checked here so a bad value is one config error at start-up, not a crash mid-build.
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"n_embd must be divisible by n_head, got n_embd={self.n_embd}, "
-                f"n_head={self.n_head}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        require(
+            self.n_embd % self.n_head == 0,
+            "n_embd",
+            self.n_embd,
+            f"a multiple of n_head={self.n_head}",
+        )
+        require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
 
 
 class CausalSelfAttention(nn.Module):

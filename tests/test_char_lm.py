@@ -19,7 +19,12 @@ from src.data.char_text import (
     pad_batch,
 )
 from src.models.char_gpt import CharGPT, CharGPTConfig, lm_step, make_optimizer
-from tests.support.experiment import run_experiment
+from tests.support.experiment import (
+    assert_bit_identical,
+    interrupt_at_step,
+    newest_checkpoint_step,
+    run_experiment,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAR_LM = REPO_ROOT / "experiments" / "char_lm_experiment.py"
@@ -221,3 +226,24 @@ def test_bad_setting_from_the_command_line_names_the_key(tmp_path: Path) -> None
     assert lines[0].startswith("config error: bad value for 'model.n_embd' in ")
     assert "expected a multiple of n_head=5" in lines[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_short_cpu_run_interrupted_and_resumed_is_bit_identical(tmp_path: Path) -> None:
+    common = [
+        f"paths.output_dir={tmp_path}",
+        "trainer.max_steps=40",
+        "checkpoint.every_n_steps=5",
+        "trainer.progress_bar=false",
+        "logging.tensorboard=false",
+    ]
+    reference = run_experiment([*common, "run_name=whole"], experiment=CHAR_LM, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    args = [*common, "run_name=stopped"]
+    run_dir = tmp_path / "stopped"
+    interrupt_at_step(args, run_dir, 15, experiment=CHAR_LM)
+    stopped_at = newest_checkpoint_step(run_dir)
+    assert 15 <= stopped_at < 40
+    resumed = run_experiment(args, experiment=CHAR_LM, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {stopped_at} " in resumed.stdout and "--- sample ---" in resumed.stdout
+    assert_bit_identical(run_dir / "final_model.pt", tmp_path / "whole" / "final_model.pt")

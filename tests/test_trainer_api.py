@@ -295,3 +295,27 @@ def test_worker_draws_differ_by_epoch_and_come_back_on_resume() -> None:
     seeds = [mix_seed(3, e, r, b) for e in range(3) for r in range(2) for b in range(4)]
     assert len(set(seeds)) == len(seeds)
     assert len(SeededBatchSampler(ResumableSampler(9, 0), 2, 0, 0)) == 5
+
+
+def test_compiled_training_saves_plain_state_dicts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trainer.compile wraps the model for training only: no `_orig_mod.` keys anywhere.
+
+    The eager backend keeps the test fast; the wrapping (OptimizedModule) is the real one.
+    """
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))
+    trainer, test_set = make_trainer(tmp_path, "run_name=compiled", "trainer.compile=true")
+    assert type(trainer.train_model).__name__ == "OptimizedModule"
+    trainer.fit()
+    run_dir = tmp_path / "compiled"
+    checkpoint = torch.load(trainer.checkpoints.latest_path(), weights_only=True)
+    for state in (
+        checkpoint["model"],
+        torch.load(run_dir / "best_model.pt", weights_only=True),
+        torch.load(run_dir / "final_model.pt", weights_only=True),
+    ):
+        assert state and not any(key.startswith("_orig_mod.") for key in state)
+    plain, _ = make_trainer(tmp_path, "run_name=plain-load")
+    plain.model.load_state_dict(torch.load(run_dir / "best_model.pt", weights_only=True))

@@ -40,14 +40,19 @@ def mix_seed(*parts: int) -> int:
 class SeededBatchSampler(Sampler[tuple[int, list[int]]]):
     """Groups the sampler's indices into batches, each tagged with its own seed."""
 
-    def __init__(self, sampler: ResumableSampler, batch_size: int, seed: int, rank: int) -> None:
+    def __init__(
+        self, sampler: ResumableSampler, batch_size: int, seed: int, rank: int, tag: bool = True
+    ) -> None:
         self.sampler, self.batch_size, self.seed, self.rank = sampler, batch_size, seed, rank
+        self.tag = tag  # False: seeds are unused (no workers), skip computing them
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
         batch_index = self.sampler.start_index // self.batch_size
         indices = list(self.sampler)
         for start in range(0, len(indices), self.batch_size):
-            seed = mix_seed(self.seed, self.sampler.epoch, self.rank, batch_index)
+            seed = (
+                mix_seed(self.seed, self.sampler.epoch, self.rank, batch_index) if self.tag else 0
+            )
             yield seed, indices[start : start + self.batch_size]
             batch_index += 1
 
@@ -92,7 +97,7 @@ def make_loader(
     """A loader over ``sampler``'s current epoch (call ``sampler.set_epoch`` first)."""
     return DataLoader(
         SeededDataset(dataset),
-        batch_sampler=SeededBatchSampler(sampler, batch_size, seed, rank),
+        batch_sampler=SeededBatchSampler(sampler, batch_size, seed, rank, tag=num_workers > 0),
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory,

@@ -71,6 +71,7 @@ __all__ = [
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_NO_CONTEXT = contextlib.nullcontext()  # reusable; one fewer object per step
 StepOutput = torch.Tensor | Mapping[str, torch.Tensor]
 StepFn = Callable[[nn.Module, Any], StepOutput]
 EvalFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
@@ -274,6 +275,11 @@ class InterruptibleTrainer:
         )
         self.state = TrainState()
         self.monitor = cfg.trainer.monitor
+        # Read once: an omegaconf lookup costs ~25 us, several per step add up on small models.
+        self._log_every = cfg.trainer.log_every_n_steps
+        self._checkpoint_every = cfg.checkpoint.every_n_steps
+        self._clip_norm = cfg.trainer.grad_clip_norm
+        self._accum = cfg.trainer.grad_accum_steps
         self._resume_settings = resume_settings(cfg, self.dist.world_size)
         self._last_tick = time.perf_counter()
         # Running sums for the epoch's mean train loss, kept on the device (no sync per step).
@@ -352,8 +358,7 @@ class InterruptibleTrainer:
         return state.status
 
     def _train_epoch(self, logger: MetricLogger, bar: tqdm) -> str:
-        cfg, state = self.cfg, self.state
-        accum = cfg.trainer.grad_accum_steps
+        cfg, state, accum = self.cfg, self.state, self._accum
         self.sampler.set_epoch(state.epoch, start_index=state.batch_in_epoch * cfg.data.batch_size)
         loader = self._loader(self.train_set, self.sampler)
         self.train_model.train()
@@ -363,28 +368,28 @@ class InterruptibleTrainer:
             group_size = min(accum, self.batches_per_epoch - group_start)
             is_last_micro = state.batch_in_epoch + 1 == group_start + group_size
             batch = move_to_device(batch, self.device, non_blocking)
-            sync = contextlib.nullcontext()
+            sync = _NO_CONTEXT
             if self.dist.is_distributed and not is_last_micro:
                 sync = self.train_model.no_sync()  # type: ignore[operator]
             with sync, self._autocast():
                 metrics = _as_metrics(self.step_fn(self.train_model, batch))
                 loss = metrics["loss"]
-                self.scaler.scale(loss / group_size).backward()
+                self.scaler.scale(loss / group_size if group_size > 1 else loss).backward()
             samples = batch_size_of(batch)
             state.batch_in_epoch += 1
-            self._epoch_loss_sum += loss.detach().double() * samples
+            self._epoch_loss_sum.add_(loss.detach(), alpha=samples)  # one op, no host sync
             self._epoch_samples += samples
             if not is_last_micro:
                 continue
             self._optimizer_step()
             bar.update(1)
-            if state.global_step % cfg.trainer.log_every_n_steps == 0:
+            if state.global_step % self._log_every == 0:
                 self._log_step(logger, bar, metrics)
             at_epoch_end = state.batch_in_epoch >= self.batches_per_epoch
             if state.global_step >= self.total_steps and not at_epoch_end:
                 return "max_steps"
             stop = self._stop_requested()  # at an epoch end too: evaluation can wait
-            periodic = state.global_step % cfg.checkpoint.every_n_steps == 0 and not at_epoch_end
+            periodic = state.global_step % self._checkpoint_every == 0 and not at_epoch_end
             if stop or periodic:
                 # On stop: no staging copy, and durable before we say so.
                 self._save_checkpoint(blocking=stop)
@@ -394,9 +399,9 @@ class InterruptibleTrainer:
         return "done"
 
     def _optimizer_step(self) -> None:
-        if self.cfg.trainer.grad_clip_norm > 0:
+        if self._clip_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip_norm)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self._clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -612,7 +617,7 @@ class InterruptibleTrainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
-            return contextlib.nullcontext()
+            return _NO_CONTEXT
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 

@@ -93,3 +93,17 @@ def test_lock_held_elsewhere_raises_a_one_line_error(tmp_path: Path) -> None:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(RunInUseError, match=r"in use by PID 4242 on box \(since 12:00\)"):
             acquire_run_lock(run_dir)
+
+
+def test_rebuilding_the_trainer_in_a_notebook_leaves_the_run_unlocked(tmp_path: Path) -> None:
+    """Re-running a train cell builds a new trainer; the old one must not keep the lock."""
+    import fcntl
+
+    from tests.test_trainer import make_trainer
+
+    abandoned, _ = make_trainer(tmp_path, "run_name=nb", "trainer.max_steps=3")
+    trainer, _ = make_trainer(tmp_path, "run_name=nb", "trainer.max_steps=3")
+    assert trainer.fit().global_step == 3
+    assert abandoned is not None
+    with open(tmp_path / "nb" / LOCK_NAME) as other:  # what another process would do
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held

@@ -100,6 +100,8 @@ def test_unknown_monitor_names_the_metrics_there_are(tmp_path: Path) -> None:
     trainer, _ = make_trainer(tmp_path, "run_name=mon", "trainer.monitor=val/f1")
     with pytest.raises(ConfigError, match=r"val/f1.*val/loss, val/accuracy"):
         trainer.fit()
+    assert trainer.state.global_step == 0, "checked before training, not after an epoch"
+    assert not list((tmp_path / "mon" / "checkpoints").glob("step_*"))
 
 
 class DictDataset(Dataset):

@@ -217,8 +217,11 @@ class InterruptibleTrainer:
         if self.dist.is_distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         # Before anything is written: a changed setting is an error, a live run owns the dir.
+        # The lock is only checked here and held while fit() runs, so a notebook that builds
+        # a new trainer (re-running a cell) never blocks itself or a later tmux job.
         check_resume_settings(cfg, self.dist.world_size)
-        self._run_lock = acquire_run_lock(run_dir_for(cfg)) if self.dist.is_main else None
+        if self.dist.is_main:
+            acquire_run_lock(run_dir_for(cfg)).release()
         self.run_dir = prepare_run_dir(cfg, is_main=self.dist.is_main)
         self.train_set, self.val_set = train_set, val_set
         self.collate_fn = collate_fn
@@ -297,9 +300,11 @@ class InterruptibleTrainer:
 
     def fit(self) -> FitResult:
         """Train to the end (or until a stop signal); safe to call again to resume."""
+        run_lock = acquire_run_lock(self.run_dir) if self.dist.is_main else None
         try:
             with self.stop_request:
                 resumed_step = self._resume()
+                self._check_monitor()
                 self._last_tick = time.perf_counter()
                 logger = MetricLogger(self.cfg, self.run_dir, resumed_step, self.dist.is_main)
                 bar = self._progress_bar()
@@ -314,8 +319,8 @@ class InterruptibleTrainer:
                 write_json(self.run_dir / "training_log.json", self.state.history)
             barrier(self.dist)  # other ranks read best_model.pt only once rank 0 has written it
         finally:
-            if self._run_lock is not None:
-                self._run_lock.release()
+            if run_lock is not None:
+                run_lock.release()
         return FitResult(
             status=status,
             global_step=self.state.global_step,
@@ -457,6 +462,37 @@ class InterruptibleTrainer:
             self._epoch_loss_sum.zero_()
             self._epoch_samples = 0
         return improved, early_stop
+
+    def _check_monitor(self) -> None:
+        """Fail at start, not after the first epoch, when trainer.monitor names no metric.
+
+        Evaluates one validation batch in the main process; the RNG states are put back,
+        so a resumed run draws exactly what an uninterrupted one does.
+        """
+        if self.monitor == "val/loss" or len(self.val_set) == 0:  # type: ignore[arg-type]
+            return
+        rng_state = capture_rng_state()
+        sampler = ResumableSampler(len(self.val_set), seed=0, shuffle=False)  # type: ignore[arg-type]
+        sampler.set_epoch(EVAL_EPOCH)
+        loader = make_loader(
+            self.val_set,
+            sampler,
+            batch_size=self.cfg.data.batch_size,
+            seed=self.cfg.seed,
+            rank=self.dist.rank,
+            num_workers=0,
+            collate_fn=self.collate_fn,
+            pin_memory=False,
+        )
+        self.model.eval()
+        try:
+            batch = move_to_device(next(iter(loader)), self.device)
+            with torch.no_grad(), self._autocast():
+                names = list(_as_metrics(self.eval_fn(self.model, batch)))
+        finally:
+            self.model.train()
+            restore_rng_state(rng_state)
+        self._monitored_value(dict.fromkeys(names, 0.0))
 
     def _monitored_value(self, val: Mapping[str, float]) -> float:
         name = self.monitor.split("/", 1)[1]

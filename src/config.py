@@ -483,13 +483,24 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
+def exit_on_config_error(exc_type: type, error: BaseException, traceback: Any) -> None:
+    """sys.excepthook for scripts: a ConfigError raised later (by the trainer, which checks
+    what only the model can answer, such as trainer.monitor) is still one line and exit 2."""
+    if issubclass(exc_type, ConfigError):
+        print(f"{error.label}: {error}", file=sys.stderr)  # type: ignore[attr-defined]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CONFIG_ERROR)  # raised before training: no write is pending
+    sys.__excepthook__(exc_type, error, traceback)
+
+
 def load_experiment_config(
     argv: list[str] | None = None,
     *,
     model: type | None = None,
     data: type | None = None,
-    dev_config: str | os.PathLike[str] = DEV_CONFIG,
-    prod_config: str | os.PathLike[str] = PROD_CONFIG,
+    dev_config: str | os.PathLike[str] | None = None,
+    prod_config: str | os.PathLike[str] | None = None,
 ) -> DictConfig:
     """Config for an experiment file, from the command line or (in a notebook) from defaults.
 
@@ -501,17 +512,24 @@ def load_experiment_config(
     directory is locked for this process (a second process on the same run exits at once);
     in a kernel errors are raised so the cell shows them without killing the kernel.
     """
+    if (model or data) and (dev_config is None or prod_config is None):
+        raise TypeError(
+            "an experiment with its own model/data settings needs its own config files: pass "
+            "dev_config= and prod_config= (the template's files hold the template's settings)"
+        )
     notebook = in_notebook()
     if argv is None:
         argv = [] if notebook else sys.argv[1:]
+    if not notebook:
+        sys.excepthook = exit_on_config_error
     try:
         config_path, overrides = parse_cli(argv)
         cfg = load_config(
             config_path,
             overrides,
             schema=experiment_schema(model, data),
-            dev_config=Path(dev_config),
-            prod_config=Path(prod_config),
+            dev_config=Path(dev_config or DEV_CONFIG),
+            prod_config=Path(prod_config or PROD_CONFIG),
         )
         check_runtime(cfg)
         check_output_dir(cfg)

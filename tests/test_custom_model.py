@@ -110,3 +110,21 @@ def test_sigkill_during_checkpoint_writes_then_rerun_is_bit_identical(
     assert finished.returncode == 0, finished.stderr
     assert "Traceback" not in finished.stderr
     assert_bit_identical(run_dir / "final_model.pt", tiny_references[2] / "final_model.pt")
+
+
+def test_unknown_monitor_from_the_command_line_is_one_line_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Only the model knows its metrics: the trainer checks trainer.monitor on one validation
+    batch, before writing, and the script still ends with one line and exit 2."""
+    args = tiny_args(tmp_path, "typo", 0, "trainer.monitor=val/acx")
+    result = run_experiment(args, experiment=TINY_LM, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0] == (
+        "config error: trainer.monitor='val/acx' is not a validation metric "
+        "(this run has val/loss, val/acc): set trainer.monitor to one of them"
+    )
+    written = [p.name for p in (tmp_path / "typo").iterdir()]
+    assert written == [".run.lock"], written  # no config.json, no checkpoints

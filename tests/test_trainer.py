@@ -47,13 +47,19 @@ def test_fit_writes_outputs_and_test_results(tmp_path: Path) -> None:
     assert on_disk["test_loss"] == pytest.approx(results["test_loss"])
 
 
-def test_rerun_of_finished_run_trains_nothing(tmp_path: Path) -> None:
+def test_rerun_of_finished_run_trains_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     first, _ = make_trainer(tmp_path, "run_name=again")
     first.fit()
     weights = torch.load(tmp_path / "again" / "final_model.pt")
     second, _ = make_trainer(tmp_path, "run_name=again")
+    capsys.readouterr()
     result = second.fit()
     assert result.global_step == first.state.global_step
+    out = capsys.readouterr().out
+    assert "run 'again' already finished" in out and "nothing to train" in out
+    assert "resuming from" not in out
     for name, tensor in torch.load(tmp_path / "again" / "final_model.pt").items():
         assert torch.equal(tensor, weights[name])
 

@@ -97,11 +97,10 @@ def test_max_mode_monitor_picks_the_best_model(tmp_path: Path) -> None:
 
 
 def test_unknown_monitor_names_the_metrics_there_are(tmp_path: Path) -> None:
-    trainer, _ = make_trainer(tmp_path, "run_name=mon", "trainer.monitor=val/f1")
     with pytest.raises(ConfigError, match=r"val/f1.*val/loss, val/accuracy"):
-        trainer.fit()
-    assert trainer.state.global_step == 0, "checked before training, not after an epoch"
-    assert not list((tmp_path / "mon" / "checkpoints").glob("step_*"))
+        make_trainer(tmp_path, "run_name=mon", "trainer.monitor=val/f1")
+    # Checked when the trainer is built, before config.json or any checkpoint is written.
+    assert [p.name for p in (tmp_path / "mon").iterdir()] == [".run.lock"]
 
 
 class DictDataset(Dataset):
@@ -321,3 +320,16 @@ def test_compiled_training_saves_plain_state_dicts(
         assert state and not any(key.startswith("_orig_mod.") for key in state)
     plain, _ = make_trainer(tmp_path, "run_name=plain-load")
     plain.model.load_state_dict(torch.load(run_dir / "best_model.pt", weights_only=True))
+
+
+def test_own_settings_need_their_own_config_files() -> None:
+    from dataclasses import dataclass
+
+    from src.config import load_experiment_config
+
+    @dataclass
+    class MyModel:
+        width: int = 8
+
+    with pytest.raises(TypeError, match="pass dev_config= and prod_config="):
+        load_experiment_config([], model=MyModel, dev_config="configs/x.yaml")

@@ -222,7 +222,7 @@ class InterruptibleTrainer:
         check_resume_settings(cfg, self.dist.world_size)
         if self.dist.is_main:
             acquire_run_lock(run_dir_for(cfg)).release()
-        self.run_dir = prepare_run_dir(cfg, is_main=self.dist.is_main)
+        self.run_dir = run_dir_for(cfg)  # written to only at the end of __init__
         self.train_set, self.val_set = train_set, val_set
         self.collate_fn = collate_fn
         if step_fn is None:
@@ -270,12 +270,6 @@ class InterruptibleTrainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.precision == "fp16" and self.device.type == "cuda"
         )
-        self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints",
-            keep_last_n=cfg.checkpoint.keep_last_n,
-            async_save=cfg.checkpoint.async_save,
-            is_writer=self.dist.is_main,
-        )
         self.state = TrainState()
         self.monitor = cfg.trainer.monitor
         # Read once: an omegaconf lookup costs ~25 us, several per step add up on small models.
@@ -295,6 +289,15 @@ class InterruptibleTrainer:
         self.hourly_rate_usd = (
             detect_hourly_rate(cfg.cost.hourly_rate_usd) if self.dist.is_main else None
         )
+        # Last, so a bad trainer.monitor leaves the run directory untouched.
+        self._check_monitor()
+        prepare_run_dir(cfg, is_main=self.dist.is_main)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints",
+            keep_last_n=cfg.checkpoint.keep_last_n,
+            async_save=cfg.checkpoint.async_save,
+            is_writer=self.dist.is_main,
+        )
 
     # ----- the loop ---------------------------------------------------------------------
 
@@ -304,7 +307,6 @@ class InterruptibleTrainer:
         try:
             with self.stop_request:
                 resumed_step = self._resume()
-                self._check_monitor()
                 self._last_tick = time.perf_counter()
                 logger = MetricLogger(self.cfg, self.run_dir, resumed_step, self.dist.is_main)
                 bar = self._progress_bar()
@@ -464,7 +466,8 @@ class InterruptibleTrainer:
         return improved, early_stop
 
     def _check_monitor(self) -> None:
-        """Fail at start, not after the first epoch, when trainer.monitor names no metric.
+        """Fail before anything is written, not after an epoch, when trainer.monitor names
+        no metric.
 
         Evaluates one validation batch in the main process; the RNG states are put back,
         so a resumed run draws exactly what an uninterrupted one does.
@@ -622,11 +625,19 @@ class InterruptibleTrainer:
         self._epoch_samples = checkpoint["epoch_samples"]
         rng_states = checkpoint["rng"]
         restore_rng_state(rng_states[min(self.dist.rank, len(rng_states) - 1)])
+        state = self.state
+        if state.status != "running" and not self._work_left():
+            self._print(
+                f"run '{self.cfg.run_name}' already finished ({state.status.replace('_', ' ')} "
+                f"at step {state.global_step}, epoch {state.epoch}): nothing to train; raise "
+                "trainer.max_epochs or trainer.max_steps to train longer, or use a new run_name"
+            )
+            return state.global_step
         self._print(
-            f"resuming from {info.path} at step {self.state.global_step} "
-            f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})"
+            f"resuming from {info.path} at step {state.global_step} "
+            f"(epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
-        if self.state.status == "completed" and self._work_left():
+        if state.status == "completed" and self._work_left():
             self.state.status = "running"
             self._print(
                 f"extending the finished run: trained {self.state.global_step} steps, "

@@ -67,11 +67,11 @@ def acquire_run_lock(run_dir: Path) -> RunLock:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _describe_holder(fd)
+        holder, pid = _describe_holder(fd)
         os.close(fd)
         raise RunInUseError(
             f"run directory {run_dir} is in use by {holder}: wait for that run to finish, "
-            "stop it (kill -TERM <pid>: it saves and exits), or use another run_name"
+            f"stop it (kill -TERM {pid}: it saves and exits), or use another run_name"
         ) from None
     info = {
         "pid": os.getpid(),
@@ -86,9 +86,10 @@ def acquire_run_lock(run_dir: Path) -> RunLock:
     return lock
 
 
-def _describe_holder(fd: int) -> str:
+def _describe_holder(fd: int) -> tuple[str, str]:
+    """("PID 123 on host (since ...)", "123"), or a generic description and "<pid>"."""
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        return f"PID {info['pid']} on {info['host']} (since {info['started_at']})"
+        return f"PID {info['pid']} on {info['host']} (since {info['started_at']})", str(info["pid"])
     except (ValueError, KeyError, TypeError, OSError):
-        return "another process (it is still starting)"
+        return "another process (it is still starting)", "<pid>"

@@ -475,20 +475,9 @@ class InterruptibleTrainer:
         if self.monitor == "val/loss" or len(self.val_set) == 0:  # type: ignore[arg-type]
             return
         rng_state = capture_rng_state()
-        sampler = ResumableSampler(len(self.val_set), seed=0, shuffle=False)  # type: ignore[arg-type]
-        sampler.set_epoch(EVAL_EPOCH)
-        loader = make_loader(
-            self.val_set,
-            sampler,
-            batch_size=self.cfg.data.batch_size,
-            seed=self.cfg.seed,
-            rank=self.dist.rank,
-            num_workers=0,
-            collate_fn=self.collate_fn,
-            pin_memory=False,
-        )
         self.model.eval()
         try:
+            loader = self._eval_loader(self.val_set, num_workers=0)  # no workers for one batch
             batch = move_to_device(next(iter(loader)), self.device)
             with torch.no_grad(), self._autocast():
                 names = list(_as_metrics(self.eval_fn(self.model, batch)))
@@ -525,10 +514,8 @@ class InterruptibleTrainer:
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        sampler = ResumableSampler(len(dataset), seed=0, shuffle=False)  # type: ignore[arg-type]
-        sampler.set_epoch(EVAL_EPOCH)
         non_blocking = self.device.type == "cuda"
-        for batch in self._loader(dataset, sampler):
+        for batch in self._eval_loader(dataset):
             batch = move_to_device(batch, self.device, non_blocking)
             with self._autocast():
                 metrics = _as_metrics(self.eval_fn(self.model, batch))
@@ -649,14 +636,22 @@ class InterruptibleTrainer:
 
     # ----- helpers ----------------------------------------------------------------------
 
-    def _loader(self, dataset: Dataset, sampler: ResumableSampler) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset, num_workers: int | None = None) -> DataLoader:
+        """The whole of ``dataset`` in order (every rank evaluates all of it)."""
+        sampler = ResumableSampler(len(dataset), seed=0, shuffle=False)  # type: ignore[arg-type]
+        sampler.set_epoch(EVAL_EPOCH)
+        return self._loader(dataset, sampler, num_workers)
+
+    def _loader(
+        self, dataset: Dataset, sampler: ResumableSampler, num_workers: int | None = None
+    ) -> DataLoader:
         return make_loader(
             dataset,
             sampler,
             batch_size=self.cfg.data.batch_size,
             seed=self.cfg.seed,
             rank=self.dist.rank,
-            num_workers=self.cfg.data.num_workers,
+            num_workers=self.cfg.data.num_workers if num_workers is None else num_workers,
             collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
             worker_init_fn=functools.partial(ignore_stop_signals, self._stop_signal_names),

@@ -27,7 +27,7 @@ from tests.support.experiment import (
 )
 
 TINY_LM = REPO_ROOT / "tests" / "support" / "tiny_lm_experiment.py"
-STEPS_PER_EPOCH = 16  # 256 sequences / batch 16
+STEPS_PER_EPOCH = 10  # 160 sequences / batch 16
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 
 
@@ -36,7 +36,7 @@ def tiny_args(output_dir: Path, run_name: str, workers: int, *extra: str) -> lis
         f"paths.output_dir={output_dir}",
         f"run_name={run_name}",
         f"data.num_workers={workers}",
-        "data.num_sequences=256",
+        "data.num_sequences=160",
         "trainer.max_epochs=2",
         "checkpoint.every_n_steps=2",
         *extra,
@@ -100,7 +100,7 @@ def test_sigkill_during_checkpoint_writes_then_rerun_is_bit_identical(
 ) -> None:
     args = tiny_args(tmp_path, "killed", 2, "checkpoint.every_n_steps=1")
     run_dir = tmp_path / "killed"
-    for target in (5, 21):
+    for target in (5, 13):
         process = start_experiment(args, experiment=TINY_LM)
         wait_for_checkpoint(process, run_dir, target)
         os.killpg(process.pid, signal.SIGKILL)  # a write is in flight nearly always

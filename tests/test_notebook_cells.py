@@ -94,8 +94,17 @@ EXPERIMENTS: dict[str, tuple[str, list[str], Callable[[Path, list[str]], None]]]
 }
 
 
-@pytest.mark.parametrize("experiment", list(EXPERIMENTS), ids=["template", "char_lm"])
-@pytest.mark.parametrize("set_file", [True, False], ids=["vscode-__file__", "plain-kernel"])
+# Both ways of finding the repo root (VS Code's __file__, a plain kernel's cwd) on the
+# template; the char LM's setup cell is the same code, so it runs the VS Code way only.
+@pytest.mark.parametrize(
+    ("experiment", "set_file"),
+    [
+        ("template_experiment.py", True),
+        ("template_experiment.py", False),
+        ("char_lm_experiment.py", True),
+    ],
+    ids=["template-vscode-__file__", "template-plain-kernel", "char_lm-vscode-__file__"],
+)
 def test_cells_run_in_order_in_a_kernel(repo_copy: Path, set_file: bool, experiment: str) -> None:
     run_name, extra, check = EXPERIMENTS[experiment]
     outputs = run_cells(repo_copy, set_file, experiment, extra)

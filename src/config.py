@@ -204,6 +204,11 @@ class ConfigError(ValueError):
 
     label = "config error"  # how a script prints it: "<label>: <message>", then exit 2
 
+    @property
+    def line(self) -> str:
+        """The one line a script prints before exiting with EXIT_CONFIG_ERROR."""
+        return f"{self.label}: {self}"
+
 
 def _env_flag(name: str, default: bool) -> bool:
     value = os.environ.get(name)
@@ -487,7 +492,7 @@ def exit_on_config_error(exc_type: type, error: BaseException, traceback: Any) -
     """sys.excepthook for scripts: a ConfigError raised later (by the trainer, which checks
     what only the model can answer, such as trainer.monitor) is still one line and exit 2."""
     if issubclass(exc_type, ConfigError):
-        print(f"{error.label}: {error}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(error.line, file=sys.stderr)  # type: ignore[attr-defined]
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_CONFIG_ERROR)  # raised before training: no write is pending
@@ -545,7 +550,7 @@ def load_experiment_config(
     except ConfigError as error:
         if notebook:
             raise
-        print(f"{error.label}: {error}", file=sys.stderr)
+        print(error.line, file=sys.stderr)
         raise SystemExit(EXIT_CONFIG_ERROR) from None
 
 

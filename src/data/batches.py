@@ -27,9 +27,10 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
     """The first tensor met walking the batch depth-first (dicts in insertion order)."""
     if isinstance(batch, torch.Tensor):
         return batch
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(values, (list, tuple)) or isinstance(batch, Mapping):
-        for value in values:
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for value in batch:
             found = first_tensor(value)
             if found is not None:
                 return found

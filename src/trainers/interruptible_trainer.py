@@ -361,7 +361,8 @@ class InterruptibleTrainer:
             if self._work_left() and self._stop_requested():
                 self.checkpoints.wait()
                 return "interrupted"
-        state.status = "early_stopped" if state.status == "early_stopped" else "completed"
+        if state.status != "early_stopped":
+            state.status = "completed"
         return state.status
 
     def _train_epoch(self, logger: MetricLogger, bar: tqdm) -> str:

@@ -1,7 +1,7 @@
 """Re-sync of an unchanged output tree against the first full sync: bytes on the wire / tree.
 
 A local OpenSSH server on 127.0.0.1 (the same fixture the tests use) plays the instance;
-the sync is the real one (`src.utils.sync.sync_outputs`: ControlMaster SSH, rsync, remote
+the sync is the real one (`src.storage.output_sync.sync_outputs`: ControlMaster SSH, rsync, remote
 sha256 listing, manifest). Target: the re-sync moves < 1% of the tree's bytes.
 
     python benchmarks/bench_resync.py                 # 1 GB tree (the issue's figure)
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from src.utils.sync import sync_outputs
+from src.storage.output_sync import sync_outputs
 from tests.support.sshd import start_sshd
 
 

@@ -7,7 +7,7 @@
 # SYNC_SSH_OPTS adds ssh options (e.g. "-i ~/.ssh/vast_ed25519").
 # Symlinks on the instance are followed (their files come home and are verified).
 # Stages and exit codes: connect 10, transfer 11, verify 12, upload 13; bad arguments 2.
-# The logic lives in src/utils/sync.py (docs/vast_and_sync.md).
+# The logic lives in src/storage/output_sync.py (docs/vast_and_sync.md).
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 for tool in ssh rsync; do
@@ -17,4 +17,4 @@ for tool in ssh rsync; do
     }
 done
 export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m src.utils.sync "$@"
+exec "${PYTHON:-python3}" -m src.storage.output_sync "$@"

@@ -32,6 +32,9 @@ CONFIG_DIR = REPO_ROOT / "configs"
 DEV_CONFIG = CONFIG_DIR / "dev_config.yaml"
 PROD_CONFIG = CONFIG_DIR / "prod_config.yaml"
 EXIT_CONFIG_ERROR = 2
+# S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting and ending with a
+# letter or digit (AWS's rules; S3-compatible stores accept the same).
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 @dataclass
@@ -138,8 +141,15 @@ class TrainerConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 50
-    keep_last_n: int = 3
+    keep_last_n: int = 3  # on local disk, plus the best
     async_save: bool = True
+    # S3 mirror (src/storage/checkpoint_mirror.py). null: local only. Credentials come from
+    # the AWS chain (environment, .env, ~/.aws, instance role), never from this file.
+    s3_bucket: str | None = None
+    s3_prefix: str = "checkpoints"  # the run's objects live under <s3_prefix>/<run_name>/
+    endpoint_url: str | None = None  # S3-compatible stores: MinIO, Cloudflare R2, B2, Wasabi
+    remote_keep_last_n: int | None = None  # in the bucket, plus the best; null: keep_last_n
+    s3_stop_grace_s: float = 20.0  # on SIGTERM, how long the stop checkpoint's upload may take
 
 
 @dataclass
@@ -353,6 +363,23 @@ def validate(cfg: DictConfig, source: str) -> None:
         ("optim.min_lr_ratio", 0 <= optim.min_lr_ratio <= 1, "a number in [0, 1]"),
         ("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps >= 1, "an integer >= 1"),
         ("checkpoint.keep_last_n", cfg.checkpoint.keep_last_n >= 1, "an integer >= 1"),
+        (
+            "checkpoint.s3_bucket",
+            cfg.checkpoint.s3_bucket is None or BUCKET_NAME.fullmatch(cfg.checkpoint.s3_bucket),
+            "null or a bucket name: 3-63 lowercase letters, digits, dots or hyphens",
+        ),
+        (
+            "checkpoint.endpoint_url",
+            cfg.checkpoint.endpoint_url is None
+            or re.fullmatch(r"https?://[^\s/]+(/\S*)?", cfg.checkpoint.endpoint_url),
+            "null or an http(s):// URL",
+        ),
+        (
+            "checkpoint.remote_keep_last_n",
+            cfg.checkpoint.remote_keep_last_n is None or cfg.checkpoint.remote_keep_last_n >= 1,
+            "null or an integer >= 1",
+        ),
+        ("checkpoint.s3_stop_grace_s", cfg.checkpoint.s3_stop_grace_s >= 0, "seconds >= 0"),
         (
             "run_name",
             re.fullmatch(r"[A-Za-z0-9._=+-]+", cfg.run_name) is not None,

@@ -20,6 +20,7 @@ from src.utils.signals import EXIT_INTERRUPTED
 from tests.support.experiment import (
     REPO_ROOT,
     assert_bit_identical,
+    experiment_env,
     newest_checkpoint_step,
     run_experiment,
     start_experiment,
@@ -29,6 +30,8 @@ from tests.support.experiment import (
 TINY_LM = REPO_ROOT / "tests" / "support" / "tiny_lm_experiment.py"
 STEPS_PER_EPOCH = 10  # 160 sequences / batch 16
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
+# Steps of a few ms each would let a run finish between "checkpoint seen" and the signal.
+SLOW_STEPS = experiment_env(TINY_LM_STEP_SECONDS="0.03")
 
 
 def tiny_args(output_dir: Path, run_name: str, workers: int, *extra: str) -> list[str]:
@@ -70,10 +73,10 @@ def test_dict_batches_sigterm_then_rerun_is_bit_identical(
     tmp_path: Path, tiny_references: dict[int, Path], workers: int
 ) -> None:
     rng = random.Random(workers)
-    target = rng.randint(2, TOTAL_STEPS - 4)  # a random step after the first checkpoint
+    target = rng.randint(2, TOTAL_STEPS - 8)  # a random step after the first checkpoint
     args = tiny_args(tmp_path, "stopped", workers)
     run_dir = tmp_path / "stopped"
-    process = start_experiment(args, experiment=TINY_LM)
+    process = start_experiment(args, SLOW_STEPS, experiment=TINY_LM)
     wait_for_checkpoint(process, run_dir, target)
     time.sleep(rng.uniform(0, 0.05))
     os.killpg(process.pid, signal.SIGTERM)  # workers too, like docker stop
@@ -101,7 +104,7 @@ def test_sigkill_during_checkpoint_writes_then_rerun_is_bit_identical(
     args = tiny_args(tmp_path, "killed", 2, "checkpoint.every_n_steps=1")
     run_dir = tmp_path / "killed"
     for target in (5, 13):
-        process = start_experiment(args, experiment=TINY_LM)
+        process = start_experiment(args, SLOW_STEPS, experiment=TINY_LM)
         wait_for_checkpoint(process, run_dir, target)
         os.killpg(process.pid, signal.SIGKILL)  # a write is in flight nearly always
         process.communicate(timeout=60)

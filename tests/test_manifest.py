@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from src.utils.manifest import (
+from src.storage.manifest import (
     FileEntry,
     Manifest,
     build_local_entries,
@@ -21,7 +21,7 @@ from src.utils.manifest import (
     verify_local,
     write_manifest,
 )
-from src.utils.sync import parse_rsync_stats
+from src.storage.output_sync import parse_rsync_stats
 from tests.support.sync_helpers import make_tree
 
 ODD_NAMES = {"a.txt": 10, "dir/with space.bin": 2000, "dir/new\nline": 5, "back\\slash": 7}

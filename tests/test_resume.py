@@ -22,9 +22,9 @@ from tests.support.experiment import (
     wait_for_checkpoint,
 )
 
-# ~100 optimizer steps per epoch, 3 epochs: long enough to land signals mid-run.
+# ~50 optimizer steps per epoch, 3 epochs: long enough to land signals mid-run.
 WORKLOAD = [
-    "data.num_samples=8192",
+    "data.num_samples=4096",
     "model.hidden_dim=256",
     "trainer.max_epochs=3",
     "trainer.early_stopping_patience=0",
@@ -32,7 +32,7 @@ WORKLOAD = [
     "trainer.log_every_n_steps=5",
     "logging.tensorboard=false",
 ]
-STEPS_PER_EPOCH = 103  # ceil(8192 * 0.8 / 64)
+STEPS_PER_EPOCH = 52  # ceil(4096 * 0.8 / 64)
 TOTAL_STEPS = 3 * STEPS_PER_EPOCH
 
 
@@ -71,9 +71,9 @@ def test_reference_runs_agree_across_worker_counts(reference_runs: dict) -> None
     [
         (0, 7, 5, False, "SIGTERM", "plain"),  # early, mid-epoch
         (0, STEPS_PER_EPOCH - 1, 1, False, "SIGINT", "plain"),  # epoch boundary, write in flight
-        (2, 150, 5, True, "SIGTERM", "plain"),  # mid-epoch with DataLoader workers, whole group
-        (2, 230, 1, True, "SIGTERM", "plain"),  # late, workers, checkpoint writes back to back
-        (2, 50, 5, True, "SIGUSR1", "accumulate"),  # Slurm's signal; accumulation, early stop
+        (2, 75, 5, True, "SIGTERM", "plain"),  # mid-epoch with DataLoader workers, whole group
+        (2, 120, 1, True, "SIGTERM", "plain"),  # late, workers, checkpoint writes back to back
+        (2, 25, 5, True, "SIGUSR1", "accumulate"),  # Slurm's signal; accumulation, early stop
     ],
 )
 def test_signal_then_rerun_is_bit_identical(
@@ -128,7 +128,7 @@ def test_sigkill_during_checkpoint_writes_never_loads_a_partial_one(
     run_dir = tmp_path / "killed"
     rng = random.Random(3)
     previous = -1
-    for target in (20, 120, 240):
+    for target in (10, 60, 120):
         process = start_experiment(args)
         wait_for_checkpoint(process, run_dir, target)
         time.sleep(rng.uniform(0, 0.01))
@@ -152,7 +152,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_still_matches(
 ) -> None:
     args = run_args(tmp_path, "corrupt", "data.num_workers=0", "checkpoint.every_n_steps=5")
     run_dir = tmp_path / "corrupt"
-    interrupt_at_step(args, run_dir, 60)
+    interrupt_at_step(args, run_dir, 30)
     newest = max((run_dir / "checkpoints").glob("step_*.pt"))
     with open(newest, "r+b") as handle:  # flip bytes in the middle: same size, bad content
         handle.seek(newest.stat().st_size // 2)
@@ -193,7 +193,7 @@ def test_second_ctrl_c_aborts_with_130_and_one_line(tmp_path: Path) -> None:
         "run_name=abort",
         "model.hidden_dim=2048",
         "model.num_layers=4",
-        "trainer.max_steps=40",
+        "trainer.max_steps=30",
         "checkpoint.every_n_steps=10",
         "trainer.progress_bar=false",
         "logging.tensorboard=false",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from src.utils.manifest import read_manifest
+from src.storage.manifest import read_manifest
 from tests.support.moto_server import AWS_ENV, running_moto_s3
 from tests.support.sshd import SshServer, sshd_server  # noqa: F401 - module fixture
 from tests.support.sync_helpers import make_tree, run_sync, sync_env, transferred

@@ -19,6 +19,11 @@ all RNG states, the position inside the epoch (the sampler order is a function o
 seed and epoch; worker RNGs are reseeded per batch, see src/data/loaders.py),
 early-stopping state and counters. It is loaded onto the CPU first, so a run saved on
 a GPU resumes on the CPU, another GPU or another precision, and the other way round.
+
+S3 (``checkpoint.s3_bucket``): every checkpoint and the run directory are mirrored to
+``s3://<bucket>/<s3_prefix>/<run_name>/`` in the background; on a fresh machine the same
+command downloads the newest checkpoint and the run's files, then resumes
+(src/storage/checkpoint_mirror.py).
 """
 
 from __future__ import annotations
@@ -45,7 +50,11 @@ from src.config import ConfigError, resume_settings
 from src.data.batches import batch_size_of, move_to_device
 from src.data.loaders import EVAL_EPOCH, make_loader
 from src.data.resumable_sampler import ResumableSampler
-from src.utils.checkpoint_manager import CheckpointManager, atomic_torch_save
+from src.utils.checkpoint_manager import (
+    CheckpointManager,
+    atomic_torch_save,
+    read_checkpoint_infos,
+)
 from src.utils.distributed import (
     DistInfo,
     any_rank,
@@ -72,6 +81,7 @@ __all__ = [
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _NO_CONTEXT = contextlib.nullcontext()  # reusable; one fewer object per step
+FINAL_UPLOAD_S = 600.0  # at the end of a run, how long the last S3 uploads may take
 StepOutput = torch.Tensor | Mapping[str, torch.Tensor]
 StepFn = Callable[[nn.Module, Any], StepOutput]
 EvalFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
@@ -223,6 +233,9 @@ class InterruptibleTrainer:
         if self.dist.is_main:
             acquire_run_lock(run_dir_for(cfg)).release()
         self.run_dir = run_dir_for(cfg)  # written to only at the end of __init__
+        # S3 settings are probed (and the bucket's newest checkpoint checked like a local
+        # one) now: a bad bucket or missing credentials fail before anything is written.
+        self.mirror = make_mirror(cfg, self.run_dir, self.dist.world_size, self.dist.is_main)
         self.train_set, self.val_set = train_set, val_set
         self.collate_fn = collate_fn
         if step_fn is None:
@@ -297,6 +310,7 @@ class InterruptibleTrainer:
             keep_last_n=cfg.checkpoint.keep_last_n,
             async_save=cfg.checkpoint.async_save,
             is_writer=self.dist.is_main,
+            mirror=self.mirror,
         )
 
     # ----- the loop ---------------------------------------------------------------------
@@ -304,8 +318,13 @@ class InterruptibleTrainer:
     def fit(self) -> FitResult:
         """Train to the end (or until a stop signal); safe to call again to resume."""
         run_lock = acquire_run_lock(self.run_dir) if self.dist.is_main else None
+        status = "failed"
         try:
             with self.stop_request:
+                if self.mirror is not None:
+                    self.checkpoints.fetch_remote()  # a newer checkpoint in S3 comes first
+                    self.checkpoints.start_mirror()
+                barrier(self.dist)  # every rank then loads what rank 0 downloaded
                 resumed_step = self._resume()
                 self._last_tick = time.perf_counter()
                 logger = MetricLogger(self.cfg, self.run_dir, resumed_step, self.dist.is_main)
@@ -321,6 +340,7 @@ class InterruptibleTrainer:
                 write_json(self.run_dir / "training_log.json", self.state.history)
             barrier(self.dist)  # other ranks read best_model.pt only once rank 0 has written it
         finally:
+            self._finish_mirror(status)
             if run_lock is not None:
                 run_lock.release()
         return FitResult(
@@ -353,6 +373,9 @@ class InterruptibleTrainer:
                 state.status = "early_stopped"
             elif not self._work_left():
                 state.status = "completed"
+            if self.dist.is_main:  # the run directory is complete at each epoch checkpoint
+                write_json(self.run_dir / "training_log.json", state.history)
+                logger.flush()
             self._save_checkpoint(is_best=improved)
             if early_stop:
                 waited = state.epochs_without_improvement
@@ -555,6 +578,8 @@ class InterruptibleTrainer:
         }
         if self.dist.is_main:
             write_json(self.run_dir / "test_results.json", results)
+            if self.mirror is not None:
+                self.mirror.push_files()
         return results
 
     # ----- checkpoints ------------------------------------------------------------------
@@ -603,6 +628,7 @@ class InterruptibleTrainer:
             self._print(f"starting run '{self.cfg.run_name}' in {self.run_dir}")
             return 0
         checkpoint, info = loaded
+        source = self.checkpoints.last_source or str(info.path)
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])  # moves state to param devices
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -622,7 +648,7 @@ class InterruptibleTrainer:
             )
             return state.global_step
         self._print(
-            f"resuming from {info.path} at step {state.global_step} "
+            f"resuming from {source} at step {state.global_step} "
             f"(epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
         if state.status == "completed" and self._work_left():
@@ -634,6 +660,27 @@ class InterruptibleTrainer:
                 "recomputed for the new length from this step on"
             )
         return self.state.global_step
+
+    def _finish_mirror(self, status: str) -> None:
+        """Wait for the S3 uploads (bounded on a stop), release the mirror, say what is left."""
+        if self.mirror is None:
+            return
+        self.mirror.mark_files_dirty()  # final_model.pt, training_log.json, test results
+        grace = self.cfg.checkpoint.s3_stop_grace_s
+        timeout = grace if status in {"interrupted", "failed"} else max(grace, FINAL_UPLOAD_S)
+        report = self.checkpoints.close(remote_timeout=timeout)
+        if report is None:
+            return
+        where = self.mirror.url()
+        if report.complete:
+            self._print(f"S3 mirror up to date: step {max(report.uploaded)} in {where}")
+            return
+        waiting = ", ".join(str(step) for step in report.waiting) or "run files only"
+        reason = f" ({self.mirror.last_error})" if self.mirror.last_error else ""
+        self._print(
+            f"S3 upload not finished within {timeout:.0f} s{reason}: step {waiting} still local "
+            f"in {self.run_dir}; the next run of this command uploads it"
+        )
 
     # ----- helpers ----------------------------------------------------------------------
 
@@ -721,6 +768,22 @@ class InterruptibleTrainer:
         if self.dist.is_main:
             tqdm.write(f"[trainer] {message}", file=sys.stdout)
             sys.stdout.flush()
+
+
+def make_mirror(cfg: DictConfig, run_dir: Path, world_size: int, is_main: bool) -> Any:
+    """The run's S3 mirror (rank 0, ``checkpoint.s3_bucket`` set), probed and checked: the
+    bucket's newest checkpoint must have been made with the same resume settings too."""
+    if not cfg.checkpoint.s3_bucket or not is_main:
+        return None
+    from src.storage.checkpoint_mirror import mirror_for_run
+
+    mirror = mirror_for_run(cfg.checkpoint, cfg.run_name, run_dir)
+    records = mirror.remote_records()
+    local = read_checkpoint_infos(run_dir / "checkpoints")
+    if records and (not local or int(records[0]["step"]) > local[0].step):
+        saved = records[0].get("metadata", {}).get("resume_settings")
+        check_resume_settings(cfg, world_size, saved=saved, where=mirror.url())
+    return mirror
 
 
 def should_load_scaler(saved_state: Mapping[str, Any], scaler_enabled: bool) -> bool:

@@ -15,6 +15,12 @@ buffer (the only cost the training loop pays; pinned memory on CUDA) and a
 background thread serializes, hashes and renames. At most one save is in flight;
 a new ``save()`` waits for the previous one, so host memory grows by at most one
 copy of the state. ``wait()`` / ``close()`` flush pending writes (also at exit).
+
+S3 mirror (``remote_bucket=``): each committed checkpoint is handed to a
+:class:`~src.storage.checkpoint_mirror.CheckpointMirror`, which uploads and verifies it in
+the background; ``load_latest()`` takes the newest complete checkpoint across local disk and
+the bucket (downloading it first when the bucket's is newer), and pruning never deletes a
+local checkpoint before the mirror says it is safe.
 """
 
 from __future__ import annotations
@@ -30,23 +36,16 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from src.utils.atomic_io import atomic_write_bytes, fsync_dir, sha256_file, temp_path_for
 
+if TYPE_CHECKING:
+    from src.storage.checkpoint_mirror import CheckpointMirror, FlushReport
+
 CHECKPOINT_PREFIX = "step_"
-
-
-class RemoteStore(Protocol):
-    """Seam for mirroring checkpoints off the machine (S3 comes in a later issue)."""
-
-    def upload(self, local_path: Path, name: str) -> None: ...
-
-    def download(self, name: str, local_path: Path) -> None: ...
-
-    def list_names(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,13 @@ class CheckpointInfo:
     size: int
     is_best: bool
     metadata: dict[str, Any]
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What ``load_latest`` returns: ``state, info = manager.load_latest()`` also works."""
+
+    state: dict[str, Any]
+    info: CheckpointInfo
 
 
 class _HashingWriter:
@@ -133,24 +139,47 @@ class _StagingBuffer:
 class CheckpointManager:
     """Save, prune and load training checkpoints in one directory.
 
-    Only the writer (rank 0 under torchrun) writes or prunes; every rank may load.
+    Only the writer (rank 0 under torchrun) writes, prunes or talks to S3; every rank may
+    load. With ``remote_bucket`` (or a ready ``mirror``) the checkpoints are mirrored to
+    ``s3://<remote_bucket>/<remote_prefix>/``; the settings are checked by a write probe here,
+    so a bad bucket or missing credentials fail before any training.
     """
 
     def __init__(
         self,
-        checkpoint_dir: str | os.PathLike[str],
+        local_dir: str | os.PathLike[str],
         keep_last_n: int = 3,
         async_save: bool = True,
         is_writer: bool = True,
-        remote: RemoteStore | None = None,
+        *,
+        remote_bucket: str | None = None,
+        remote_prefix: str = "checkpoints",
+        endpoint_url: str | None = None,
+        remote_keep_last_n: int | None = None,
+        mirror: CheckpointMirror | None = None,
+        progress: bool = True,
     ) -> None:
         if keep_last_n < 1:
             raise ValueError("keep_last_n must be >= 1 (the newest checkpoint is always kept)")
-        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir = Path(local_dir)
         self.keep_last_n = keep_last_n
         self.async_save = async_save
         self.is_writer = is_writer
-        self.remote = remote
+        self.progress = progress
+        if mirror is None and remote_bucket and is_writer:
+            from src.storage.checkpoint_mirror import CheckpointMirror
+
+            mirror = CheckpointMirror(
+                remote_bucket,
+                remote_prefix,
+                local_dir=self.checkpoint_dir,
+                keep_last_n=remote_keep_last_n or keep_last_n,
+                endpoint_url=endpoint_url,
+            )
+            mirror.probe()
+        self.mirror = mirror if is_writer else None
+        self.last_source = ""  # where load_latest found its checkpoint: a path or an s3:// URL
+        self._downloaded: dict[int, str] = {}  # step -> the s3:// URL it came from
         self._staging = _StagingBuffer()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -185,6 +214,7 @@ class CheckpointManager:
         if not self.is_writer:
             return path
         started = time.perf_counter()
+        self.start_mirror()
         self.wait()
         background = self.async_save and not blocking
         if background:
@@ -216,8 +246,70 @@ class CheckpointManager:
             error, self._error = self._error, None
             raise RuntimeError(f"background checkpoint write failed: {error}") from error
 
-    def close(self) -> None:
+    def close(self, remote_timeout: float | None = None) -> FlushReport | None:
+        """Flush local writes; with S3, wait up to ``remote_timeout`` s for the uploads, stop
+        the mirror and release its lease. Returns what the mirror managed (None: no S3)."""
         self.wait()
+        if self.mirror is None:
+            return None
+        report = self.mirror.stop(remote_timeout)
+        self._prune()  # now-verified checkpoints may go
+        return report
+
+    # ----- S3 --------------------------------------------------------------------------
+
+    def start_mirror(self) -> None:
+        """Start the S3 mirror (idempotent): take its lease and queue local checkpoints the
+        bucket lacks (what a killed run could not upload)."""
+        if self.mirror is not None:
+            self.mirror.start([_record_of(info) for info in self.list_checkpoints()])
+
+    def upload_latest(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Upload the newest local checkpoint and return once it is verified in S3."""
+        from src.storage.s3 import S3SyncError
+
+        mirror = self._require_mirror()
+        self.wait()
+        infos = self.list_checkpoints()
+        if not infos:
+            return None
+        self.start_mirror()
+        mirror.enqueue(_record_of(infos[0]))
+        report = mirror.flush(timeout)
+        if infos[0].step in report.waiting or not mirror.safe_to_delete(
+            infos[0].step, infos[0].sha256
+        ):
+            raise S3SyncError(
+                f"{infos[0].path.name} is not in {mirror.url()} yet: {mirror.last_error}"
+            )
+        return infos[0]
+
+    def download_latest(self) -> CheckpointInfo | None:
+        """Make the bucket's newest complete checkpoint available locally (downloaded with a
+        progress bar and verified unless an identical local copy exists); None if S3 has none."""
+        mirror = self._require_mirror()
+        records = mirror.remote_records()
+        if not records:
+            return None
+        record = records[0]
+        local = next((i for i in self.list_checkpoints() if i.step == int(record["step"])), None)
+        if local is None or local.sha256 != record["sha256"] or self.verify(local) is not None:
+            self.wait()
+            path = self.checkpoint_dir / record["file"]
+            mirror.download(record, path, progress=self.progress)
+            atomic_write_bytes(path.with_suffix(".json"), json.dumps(record, indent=2).encode())
+            self._downloaded[int(record["step"])] = mirror.url(record["file"])
+            restored = mirror.restore_files()
+            _note(
+                f"downloaded {record['file']} from {mirror.url(record['file'])}"
+                + (f"; restored {len(restored)} run file(s)" if restored else "")
+            )
+        return next(i for i in self.list_checkpoints() if i.step == int(record["step"]))
+
+    def _require_mirror(self) -> CheckpointMirror:
+        if self.mirror is None:
+            raise ValueError("this CheckpointManager has no S3 mirror: pass remote_bucket=")
+        return self.mirror
 
     def path_for(self, step: int) -> Path:
         return self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:09d}.pt"
@@ -254,9 +346,8 @@ class CheckpointManager:
             "metadata": metadata,
         }
         atomic_write_bytes(sidecar, json.dumps(record, indent=2).encode())
-        if self.remote is not None:
-            self.remote.upload(path, path.name)
-            self.remote.upload(sidecar, sidecar.name)
+        if self.mirror is not None:
+            self.mirror.enqueue(record)
         self._prune()
 
     # ----- listing, pruning ---------------------------------------------------------------
@@ -272,9 +363,12 @@ class CheckpointManager:
         if best is not None:
             keep.add(best.path)
         for info in infos:
-            if info.path not in keep:
-                info.path.with_suffix(".json").unlink(missing_ok=True)  # un-commit first
-                info.path.unlink(missing_ok=True)
+            if info.path in keep:
+                continue
+            if self.mirror is not None and not self.mirror.safe_to_delete(info.step, info.sha256):
+                continue  # its only copy: kept until it is verified in S3
+            info.path.with_suffix(".json").unlink(missing_ok=True)  # un-commit first
+            info.path.unlink(missing_ok=True)
 
     def _remove_leftovers(self) -> None:
         """Temp files of an interrupted write, and data files whose sidecar never landed."""
@@ -301,21 +395,50 @@ class CheckpointManager:
         infos = self.list_checkpoints()
         return infos[0].path if infos else None
 
-    def load_latest(
-        self, map_location: str | torch.device = "cpu"
-    ) -> tuple[dict[str, Any], CheckpointInfo] | None:
-        """Newest checkpoint that verifies and loads; skips bad ones with a warning."""
+    def load_latest(self, map_location: str | torch.device = "cpu") -> LoadedCheckpoint | None:
+        """Newest checkpoint that verifies and loads; skips bad ones with a warning.
+
+        With S3, the newest complete checkpoint across local disk and the bucket: a newer
+        one in the bucket (a fresh machine, or one that ran longer) is downloaded first.
+        """
         self.wait()
+        self.fetch_remote()
         for info in self.list_checkpoints():
             problem = self.verify(info)
             if problem is None:
                 try:
                     state = torch.load(info.path, map_location=map_location, weights_only=True)
-                    return state, info
+                    self.last_source = self._downloaded.get(info.step, str(info.path))
+                    return LoadedCheckpoint(state, info)
                 except Exception as error:  # corrupt zip, pickle error
                     problem = f"cannot load ({type(error).__name__}: {error})"
             _warn(f"skipping checkpoint {info.path.name}: {problem}; trying the previous one")
         return None
+
+    def fetch_remote(self) -> None:
+        """Download the bucket's newest checkpoint if it is newer than every local one.
+
+        S3 failing here with local checkpoints present: a warning, and the local ones are
+        used; with none, the error is raised (starting over would lose the run).
+        """
+        if self.mirror is None:
+            return
+        local = self.list_checkpoints()
+        try:
+            records = self.mirror.remote_records()
+            if records and (not local or int(records[0]["step"]) > local[0].step):
+                self.download_latest()
+        except Exception as error:
+            if not local:
+                raise
+            from src.storage.s3 import error_line
+
+            _warn(f"cannot read {self.mirror.url()} ({error_line(error)}); using local ones")
+
+
+def _record_of(info: CheckpointInfo) -> dict[str, Any]:
+    """The sidecar record of a local checkpoint (what the S3 manifest lists)."""
+    return json.loads(info.path.with_suffix(".json").read_text())
 
 
 def read_checkpoint_infos(checkpoint_dir: Path) -> list[CheckpointInfo]:
@@ -349,6 +472,10 @@ def _flush_at_exit(manager_ref: weakref.ref) -> None:
             manager.wait()
         except RuntimeError as error:
             _warn(str(error))
+
+
+def _note(message: str) -> None:
+    print(f"[checkpoint] {message}", file=sys.stderr, flush=True)
 
 
 def _warn(message: str) -> None:

@@ -40,6 +40,11 @@ class MetricLogger:
         if self._wandb_run is not None:
             self._wandb_run.log(metrics, step=step)
 
+    def flush(self) -> None:
+        """Events on disk now (the S3 mirror uploads the run directory after checkpoints)."""
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

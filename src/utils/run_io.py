@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +45,26 @@ def prepare_run_dir(cfg: DictConfig, is_main: bool = True) -> Path:
     return run_dir
 
 
-def check_resume_settings(cfg: DictConfig, world_size: int = 1) -> None:
+def check_resume_settings(
+    cfg: DictConfig,
+    world_size: int = 1,
+    *,
+    saved: Mapping[str, Any] | None = None,
+    where: str | None = None,
+) -> None:
     """Refuse to resume a run whose newest checkpoint was made with other RESUME_SETTINGS.
 
     Called before anything is written (by the experiment's config loader, and again by the
     trainer for code that builds it directly), so a mistyped override costs a one-line
     error instead of a run that silently trains something else from the old weights.
+    ``saved`` / ``where``: the settings of a checkpoint elsewhere (the S3 mirror's newest).
     """
     from src.utils.checkpoint_manager import read_checkpoint_infos
 
     run_dir = run_dir_for(cfg)
-    infos = read_checkpoint_infos(run_dir / "checkpoints")
-    saved = infos[0].metadata.get("resume_settings") if infos else None
+    if saved is None:
+        infos = read_checkpoint_infos(run_dir / "checkpoints")
+        saved = infos[0].metadata.get("resume_settings") if infos else None
     if not isinstance(saved, dict):
         return  # a new run, or checkpoints from before settings were recorded
     saved = {"world_size": 1, **saved}  # recorded since multi-rank resume checks
@@ -65,6 +74,6 @@ def check_resume_settings(cfg: DictConfig, world_size: int = 1) -> None:
         diffs = ", ".join(f"{key}={saved.get(key)!r} (now {now.get(key)!r})" for key in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise ConfigError(
-            f"run '{cfg.run_name}' in {run_dir} was checkpointed with {diffs}{more}: "
+            f"run '{cfg.run_name}' in {where or run_dir} was checkpointed with {diffs}{more}: "
             "resume with the same settings, or start fresh with a new run_name"
         )

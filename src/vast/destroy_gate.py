@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.utils.manifest import (
+from src.storage.manifest import (
     Manifest,
     compare_entries,
     covers,
@@ -36,7 +36,7 @@ from src.utils.manifest import (
     remote_listing_command,
     verify_local,
 )
-from src.utils.sync import DEFAULT_REMOTE_DIR, REMOTE_DIR_ENV, SSH_OPTS_ENV, load_settings
+from src.storage.output_sync import DEFAULT_REMOTE_DIR, REMOTE_DIR_ENV, SSH_OPTS_ENV, load_settings
 from src.vast.instances import SshAddress, ssh_addresses, status_of
 
 SYNC_SCRIPT = "./scripts/sync_outputs.sh"

@@ -8,8 +8,10 @@ bit-identical weights.
 """
 
 # %% Setup
+import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from src.utils.rng import seed_everything
 from src.utils.signals import exit_interrupted
 
 CONFIG = Path(__file__).with_name("tiny_lm.yaml")
+# The kill tests slow each training step so a signal lands mid-run on a fast or a loaded box.
+STEP_SECONDS = float(os.environ.get("TINY_LM_STEP_SECONDS", "0"))
 
 
 @dataclass
@@ -113,6 +117,8 @@ class TinyTransformer(nn.Module):
 
 def step(model: nn.Module, batch: dict) -> dict:
     assert batch["note"] == "non-tensor values pass through"
+    if STEP_SECONDS and model.training:
+        time.sleep(STEP_SECONDS)
     logits = model(batch["input_ids"], batch["padding_mask"])
     loss = F.cross_entropy(logits, batch["labels"])
     return {"loss": loss, "acc": (logits.argmax(-1) == batch["labels"]).float().mean()}

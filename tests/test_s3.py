@@ -1,4 +1,4 @@
-"""src/utils/s3_sync.py against moto's real S3 server on loopback."""
+"""src/storage/s3.py against moto's real S3 server on loopback."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from src.utils.s3_sync import S3SyncError, download_directory, list_objects, upload_directory
+from src.storage.s3 import S3SyncError, download_directory, list_objects, upload_directory
 from tests.support.moto_server import running_moto_s3
 from tests.support.sync_helpers import make_tree
 

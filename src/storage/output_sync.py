@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.utils.manifest import (
+from src.storage.manifest import (
     Manifest,
     build_local_entries,
     compare_entries,
@@ -313,13 +313,14 @@ def sync_outputs(
     result = SyncResult(manifest, path, stats)
     bucket = environ.get("S3_BUCKET", "").strip()
     if bucket:
-        result.uploaded_keys = upload_verified(manifest, bucket, environ)
+        result.uploaded_keys = upload_to_s3(manifest, bucket, environ)
     return result
 
 
-def upload_verified(manifest: Manifest, bucket: str, environ: Mapping[str, str]) -> list[str]:
-    """Upload the verified files, then check each object's size in the bucket."""
-    from src.utils.s3_sync import (
+def upload_to_s3(manifest: Manifest, bucket: str, environ: Mapping[str, str]) -> list[str]:
+    """Upload the verified files (each checked in the bucket: size and sha256), then list
+    the prefix once more so a file missing from the bucket is named."""
+    from src.storage.s3 import (
         S3SyncError,
         list_objects,
         make_client,
@@ -342,11 +343,9 @@ def upload_verified(manifest: Manifest, bucket: str, environ: Mapping[str, str])
     except S3SyncError as error:
         raise SyncError("upload", str(error)) from None
     except Exception as error:  # noqa: BLE001 - botocore config errors, endpoint unreachable
-        from src.utils.s3_sync import scrub
+        from src.storage.s3 import error_line
 
-        raise SyncError(
-            "upload", scrub(f"{type(error).__name__}: {_last_line(str(error))}")
-        ) from None
+        raise SyncError("upload", error_line(error)) from None
     for entry in manifest.files:
         key = object_key(prefix, entry.path)
         if in_bucket.get(key) != entry.size:

@@ -1,0 +1,523 @@
+"""Mirror a run's checkpoints (and its other files) to S3 in the background.
+
+Why: an instance's disk dies with it. Every checkpoint that lands on local disk is queued
+here; one background thread uploads it (boto3 transfer manager), checks it in the bucket
+(size and the sha256 the local manager recorded), and only then rewrites the small
+``manifest.json`` that lists the complete checkpoints. The manifest is written last, so a
+reader never takes a half-uploaded checkpoint for a complete one, and a SIGKILL at any moment
+leaves the previous manifest valid.
+
+Layout under ``prefix`` (the trainer uses ``<s3_prefix>/<run_name>/checkpoints``)::
+
+    step_000000120.pt       the checkpoint bytes (x-amz-meta-sha256 = recorded sha256)
+    manifest.json           {"checkpoints": [<sidecar records>, newest first], ...}
+    .mirror-lease.json      which machine mirrors this prefix now (heartbeat)
+
+and, when ``files_dir`` is given, the run's other files (config.json, training_log.json,
+best_model.pt, TensorBoard events, the W&B offline run) under ``files_prefix``.
+
+Outages (endpoint down, 5xx, 503 SlowDown, expired credentials): the upload is retried with
+backoff, one warning line when the outage starts and one when it ends; training never waits.
+Retention: the newest ``keep_last_n`` checkpoints plus the best stay in the bucket. A local
+checkpoint may be pruned only once :meth:`safe_to_delete` says so: it is verified in S3. After
+an outage the backlog goes up newest first, so the checkpoint a resume needs is safe soonest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+from src.storage.s3 import (
+    S3SettingError,
+    S3SyncError,
+    download_verified,
+    error_code,
+    error_line,
+    get_bytes,
+    list_objects,
+    make_client,
+    object_key,
+    probe_writable,
+    put_bytes,
+    upload_verified,
+)
+from src.utils.atomic_io import sha256_file
+
+MANIFEST_NAME = "manifest.json"
+LEASE_NAME = ".mirror-lease.json"
+MANIFEST_VERSION = 1
+LEASE_TTL_S = 90.0  # a lease whose heartbeat is older than this belongs to a dead machine
+MAX_BACKOFF_S = 30.0
+AUTH_CODES = {"ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
+
+
+class MirrorInUseError(S3SettingError):
+    """Another machine mirrors the same prefix right now (one line, exit 2)."""
+
+    label = "error"
+
+
+@dataclass
+class FlushReport:
+    """What a bounded flush managed: steps verified in S3 and steps still waiting."""
+
+    uploaded: list[int] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
+    files_pending: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return not self.waiting and not self.files_pending
+
+
+def retained_steps(records: Mapping[int, Mapping[str, Any]], keep_last_n: int) -> set[int]:
+    """The newest ``keep_last_n`` steps plus the newest best one."""
+    steps = sorted(records, reverse=True)
+    keep = set(steps[:keep_last_n])
+    best = next((step for step in steps if records[step].get("is_best")), None)
+    if best is not None:
+        keep.add(best)
+    return keep
+
+
+class CheckpointMirror:
+    """Background S3 mirror of one checkpoint directory (and optionally its run directory).
+
+    Thread-safety: ``enqueue`` / ``mark_files_dirty`` / ``safe_to_delete`` may be called from
+    any thread (the checkpoint writer calls them); one worker thread does all S3 writes.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        local_dir: Path,
+        keep_last_n: int = 3,
+        endpoint_url: str | None = None,
+        files_dir: Path | None = None,
+        files_prefix: str | None = None,
+        client: Any = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        if keep_last_n < 1:
+            raise ValueError("remote keep_last_n must be >= 1")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.local_dir = Path(local_dir)
+        self.keep_last_n = keep_last_n
+        self.endpoint_url = endpoint_url
+        self.files_dir = Path(files_dir) if files_dir is not None else None
+        self.files_prefix = (files_prefix or "").strip("/")
+        # No botocore retries: the worker's own backoff retries whole uploads, and a failure
+        # shows at once (one warning) instead of after botocore's own backoff.
+        self.client = client or make_client(endpoint_url, max_attempts=1)
+        self._warn = warn or _stderr_warning
+        self._cond = threading.Condition()
+        self._remote: dict[int, dict] = {}  # verified in S3 and listed in the manifest
+        self._uploaded: dict[int, str] = {}  # step -> sha256 verified in S3 by this process
+        self._pending: dict[int, dict] = {}  # committed locally, not yet verified in S3
+        self._files_dirty = False
+        self._file_marks: dict[str, tuple[int, int]] = {}  # relpath -> (size, mtime_ns) sent
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._busy = False
+        self._outage_since: float | None = None
+        self._failures = 0
+        self._lease_id = uuid.uuid4().hex
+        self._lease_sent_at = 0.0
+        self.last_error: str | None = None
+
+    # ----- locations -----------------------------------------------------------------------
+
+    def url(self, name: str = "") -> str:
+        return f"s3://{self.bucket}/{object_key(self.prefix, name)}"
+
+    def _key(self, name: str) -> str:
+        return object_key(self.prefix, name)
+
+    # ----- start-up ------------------------------------------------------------------------
+
+    def probe(self, setting: str = "remote_bucket") -> None:
+        """One-line S3SettingError now if the prefix cannot be written (no credentials, no
+        bucket, bad endpoint): before training, not 40 minutes into it. ``setting`` is the
+        key the message tells the user to fix."""
+        probe_writable(self.client, self.bucket, self.prefix, setting)
+
+    def remote_records(self) -> list[dict]:
+        """The manifest's complete checkpoints, newest first (read from S3 now)."""
+        body = get_bytes(self.client, self.bucket, self._key(MANIFEST_NAME))
+        if body is None:
+            return []
+        try:
+            records = json.loads(body)["checkpoints"]
+            return sorted(records, key=lambda record: int(record["step"]), reverse=True)
+        except (ValueError, KeyError, TypeError) as error:
+            raise S3SyncError(f"{self.url(MANIFEST_NAME)} is unreadable: {error}") from None
+
+    def start(self, local_records: list[dict]) -> None:
+        """Take the lease, learn what S3 holds, queue local checkpoints it lacks, start the
+        worker. ``local_records``: the local sidecars (a previous run's unfinished uploads)."""
+        if self._thread is not None:
+            return
+        try:
+            self._acquire_lease()
+            remote = {int(record["step"]): record for record in self.remote_records()}
+        except S3SettingError:
+            raise
+        except Exception as error:  # noqa: BLE001 - S3 went away since the probe
+            raise S3SettingError(
+                f"cannot start the S3 mirror at {self.url()}: {error_line(error)}"
+            ) from None
+        with self._cond:
+            self._remote = remote
+            for record in local_records:
+                step = int(record["step"])
+                if remote.get(step, {}).get("sha256") != record["sha256"]:
+                    self._pending[step] = dict(record)
+            self._files_dirty = self.files_dir is not None
+            self._stopping = False
+        if self._pending:
+            steps = ", ".join(str(step) for step in sorted(self._pending))
+            self._info(f"uploading checkpoint(s) a previous run left on this disk: step {steps}")
+        self._thread = threading.Thread(target=self._work, name="s3-mirror", daemon=True)
+        self._thread.start()
+
+    # ----- called by the checkpoint writer ---------------------------------------------------
+
+    def enqueue(self, record: Mapping[str, Any]) -> None:
+        """A checkpoint is durable locally (its sidecar committed): upload it."""
+        with self._cond:
+            self._pending[int(record["step"])] = dict(record)
+            if self.files_dir is not None:
+                self._files_dirty = True
+            self._failures = 0  # something new to send: try now, not after the backoff
+            self._cond.notify_all()
+
+    def mark_files_dirty(self) -> None:
+        with self._cond:
+            if self.files_dir is not None:
+                self._files_dirty = True
+                self._cond.notify_all()
+
+    def safe_to_delete(self, step: int, sha256: str) -> bool:
+        """May the local copy of ``step`` go? Only once S3 has it, verified (or had it:
+        remote retention may already have replaced it there)."""
+        with self._cond:
+            if step in self._uploaded:
+                return self._uploaded[step] == sha256
+            remote = self._remote.get(step)
+            return remote is not None and remote.get("sha256") == sha256
+
+    # ----- stopping ------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None) -> FlushReport:
+        """Wait until everything queued is in S3, or ``timeout`` seconds; never raises."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._failures = 0  # retry now rather than after the current backoff
+            self._cond.notify_all()
+            while self._thread is not None and self._has_work():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(timeout=remaining if remaining is not None else 1.0)
+            return FlushReport(
+                uploaded=sorted(self._remote),
+                waiting=sorted(self._pending),
+                files_pending=self._files_dirty or self._busy,
+            )
+
+    def stop(self, timeout: float | None) -> FlushReport:
+        """Flush (bounded), stop the worker, release the lease."""
+        report = self.flush(timeout)
+        thread = self._thread
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join(timeout=5)
+            self._thread = None
+        self._release_lease()
+        return report
+
+    def push_files(self) -> None:
+        """Upload the run's changed files now, in this thread (after the worker stopped: the
+        test results a script writes after fit). Failures are one warning line."""
+        if self.files_dir is None:
+            return
+        try:
+            self._upload_files()
+        except Exception as error:  # noqa: BLE001 - the files stay local; say so once
+            self._warn(f"could not upload run files to {self.url()}: {error_line(error)}")
+
+    # ----- downloading ---------------------------------------------------------------------
+
+    def download(self, record: Mapping[str, Any], target: Path, progress: bool = True) -> None:
+        """Download one manifest checkpoint to ``target`` (verified, atomic), with a bar."""
+        from tqdm import tqdm
+
+        size = int(record["size"])
+        with tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"download step {record['step']}",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        ) as bar:
+            download_verified(
+                self.client,
+                self.bucket,
+                self._key(record["file"]),
+                target,
+                sha256=record["sha256"],
+                size=size,
+                callback=bar.update,
+            )
+
+    def restore_files(self) -> list[str]:
+        """Download the run's other files that are missing locally (a fresh machine)."""
+        if self.files_dir is None:
+            return []
+        base = self.files_prefix
+        skip = f"{self.prefix}/"
+        restored = []
+        for key in sorted(list_objects(self.client, self.bucket, base)):
+            if key.startswith(skip) or key == self.prefix:
+                continue  # the checkpoints are the manager's business
+            relative = key[len(base) :].lstrip("/") if base else key
+            target = self.files_dir / relative
+            if not relative or target.exists():
+                continue
+            if self.files_dir.resolve() not in target.resolve().parents:
+                continue  # a key with ../ never writes outside the run directory
+            download_verified(self.client, self.bucket, key, target)
+            restored.append(relative)
+        return restored
+
+    # ----- the worker ------------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self._pending) or self._files_dirty or self._busy
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._has_work():
+                    self._cond.wait(timeout=LEASE_TTL_S / 3)
+                    if not self._has_work() and not self._stopping:
+                        break  # heartbeat time
+                if self._stopping:
+                    return
+                step = max(self._pending) if self._pending else None
+                record = dict(self._pending[step]) if step is not None else None
+                do_files = step is None and self._files_dirty
+                if do_files:
+                    self._files_dirty = False
+                self._busy = True
+            try:
+                self._heartbeat()
+                if record is not None:
+                    self._upload_checkpoint(record)
+                elif do_files:
+                    self._upload_files()
+                self._recovered()
+            except Exception as error:  # noqa: BLE001 - an outage: back off, never crash
+                if do_files:
+                    self.mark_files_dirty()
+                self._outage(error)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _upload_checkpoint(self, record: dict) -> None:
+        step = int(record["step"])
+        path = self.local_dir / record["file"]
+        if not path.is_file():
+            # Pruned locally without reaching S3 cannot happen (safe_to_delete); a user
+            # deleting files by hand can. Drop it: nothing left to upload.
+            with self._cond:
+                self._pending.pop(step, None)
+            self._warn(f"checkpoint {record['file']} vanished before its upload; skipped")
+            return
+        upload_verified(
+            self.client,
+            path,
+            self.bucket,
+            self._key(record["file"]),
+            sha256=record["sha256"],
+            size=int(record["size"]),
+        )
+        with self._cond:
+            self._remote[step] = record
+            self._pending.pop(step, None)
+            keep = retained_steps(self._remote, self.keep_last_n)
+            dropped = [self._remote.pop(s) for s in list(self._remote) if s not in keep]
+            self._uploaded[step] = record["sha256"]
+            manifest = self._manifest_bytes()
+        put_bytes(self.client, self.bucket, self._key(MANIFEST_NAME), manifest)  # last
+        for old in dropped:  # unlisted first, then deleted: a reader never misses a file
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(old["file"]))
+
+    def _manifest_bytes(self) -> bytes:
+        records = [self._remote[step] for step in sorted(self._remote, reverse=True)]
+        body = {"version": MANIFEST_VERSION, "updated_at": time.time(), "checkpoints": records}
+        return (json.dumps(body, indent=2) + "\n").encode()
+
+    def _upload_files(self) -> None:
+        assert self.files_dir is not None
+        for path in sorted(self.files_dir.rglob("*")):
+            relative = path.relative_to(self.files_dir).as_posix()
+            if not path.is_file() or path.is_symlink() or _not_mirrored(relative):
+                continue
+            stat = path.stat()
+            mark = (stat.st_size, stat.st_mtime_ns)
+            if self._file_marks.get(relative) == mark:
+                continue
+            digest = sha256_file(path)
+            key = object_key(self.files_prefix, relative)
+            try:
+                upload_verified(
+                    self.client, path, self.bucket, key, sha256=digest, size=stat.st_size
+                )
+            except S3SyncError:
+                # The file changed while it was read (an event file being appended): the
+                # next pass sends the newer bytes.
+                self.mark_files_dirty()
+                continue
+            self._file_marks[relative] = mark
+
+    # ----- outages -------------------------------------------------------------------------
+
+    def _outage(self, error: BaseException) -> None:
+        self.last_error = error_line(error)
+        with self._cond:
+            self._failures += 1
+            failures = self._failures
+            first = self._outage_since is None
+            if first:
+                self._outage_since = time.monotonic()
+            waiting = len(self._pending)
+        if error_code(error) in AUTH_CODES:
+            self.client = make_client(self.endpoint_url, max_attempts=1)  # refreshed keys
+        if first:
+            self._warn(
+                f"S3 upload to {self.url()} failed ({self.last_error}); training goes on, "
+                f"{waiting} checkpoint(s) waiting, retrying with backoff"
+            )
+        delay = min(MAX_BACKOFF_S, 0.5 * 2 ** min(failures, 10))
+        with self._cond:
+            deadline = time.monotonic() + delay
+            while not self._stopping and self._failures and time.monotonic() < deadline:
+                self._cond.wait(timeout=deadline - time.monotonic())
+
+    def _recovered(self) -> None:
+        with self._cond:
+            since, self._outage_since = self._outage_since, None
+            self._failures = 0
+            waiting = len(self._pending)
+        if since is not None:
+            self._info(
+                f"S3 answers again after {time.monotonic() - since:.0f} s; "
+                f"{waiting} checkpoint(s) still to upload"
+            )
+
+    # ----- the lease: one machine mirrors a prefix at a time ---------------------------------
+
+    def check_lease(self) -> None:
+        """Raise MirrorInUseError if another live machine holds this prefix (reads only)."""
+        key = self._key(LEASE_NAME)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+        except Exception as error:
+            if error_code(error) not in {"NoSuchKey", "404"}:
+                raise
+        else:
+            holder = json.loads(response["Body"].read() or b"{}")
+            age = _age_seconds(response)
+            if holder.get("host") != socket.gethostname() and age < LEASE_TTL_S:
+                raise MirrorInUseError(
+                    f"{self.url()} is being mirrored by pid {holder.get('pid')} on "
+                    f"{holder.get('host')} (heartbeat {age:.0f} s ago): stop that run, use "
+                    f"another run_name or s3_prefix, or if that machine is gone wait "
+                    f"{LEASE_TTL_S - age:.0f} s"
+                )
+            # The same host: the run lock (flock) already proved the old process is gone.
+
+    def _acquire_lease(self) -> None:
+        self.check_lease()
+        self._heartbeat(force=True)
+
+    def _heartbeat(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._lease_sent_at < LEASE_TTL_S / 3:
+            return
+        body = {"host": socket.gethostname(), "pid": os.getpid(), "lease_id": self._lease_id}
+        put_bytes(self.client, self.bucket, self._key(LEASE_NAME), json.dumps(body).encode())
+        self._lease_sent_at = time.monotonic()
+
+    def _release_lease(self) -> None:
+        try:
+            body = get_bytes(self.client, self.bucket, self._key(LEASE_NAME))
+            if body is not None and json.loads(body).get("lease_id") == self._lease_id:
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(LEASE_NAME))
+        except Exception:  # noqa: BLE001 - an unreachable S3 at exit: the lease just expires
+            pass
+
+    def _info(self, message: str) -> None:
+        print(f"[checkpoint] {message}", file=sys.stderr, flush=True)
+
+
+def _not_mirrored(relative: str) -> bool:
+    """The checkpoints (mirrored on their own), the run lock and temp files."""
+    name = relative.rsplit("/", 1)[-1]
+    return (
+        relative.startswith("checkpoints/")
+        or name == ".run.lock"
+        or (name.startswith(".") and name.endswith(".tmp"))
+    )
+
+
+def _age_seconds(response: Mapping[str, Any]) -> float:
+    """Seconds since the object was written, by the server's own clock (no clock skew)."""
+    try:
+        server_now = parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return max(0.0, (server_now - response["LastModified"]).total_seconds())
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"[checkpoint] warning: {message}", file=sys.stderr, flush=True)
+
+
+def mirror_for_run(settings: Any, run_name: str, run_dir: Path) -> CheckpointMirror:
+    """The trainer's mirror: ``settings`` is the ``checkpoint:`` config section. Probed (a
+    write to the prefix) and lease-checked, so bad settings fail before training."""
+    run_prefix = object_key(settings.s3_prefix, run_name)
+    mirror = CheckpointMirror(
+        settings.s3_bucket,
+        object_key(run_prefix, "checkpoints"),
+        local_dir=Path(run_dir) / "checkpoints",
+        keep_last_n=settings.remote_keep_last_n or settings.keep_last_n,
+        endpoint_url=settings.endpoint_url,
+        files_dir=Path(run_dir),
+        files_prefix=run_prefix,
+    )
+    mirror.probe("checkpoint.s3_bucket")
+    mirror.check_lease()
+    return mirror

@@ -346,7 +346,7 @@ def test_stop_while_s3_is_down_says_what_waits_and_the_next_run_uploads_it(
 def test_bad_bucket_from_the_command_line_is_one_line_exit_2_and_writes_nothing(
     s3: MotoS3, tmp_path: Path
 ) -> None:
-    args = tiny_args(tmp_path, s3, "checkpoint.s3_bucket=no-such-bucket")
+    args = [*tiny_args(tmp_path, s3), "checkpoint.s3_bucket=no-such-bucket"]
     result = run_experiment(args, tiny_env("0"), experiment=TINY_LM)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -519,6 +519,9 @@ def exit_on_config_error(exc_type: type, error: BaseException, traceback: Any) -
     """sys.excepthook for scripts: a ConfigError raised later (by the trainer, which checks
     what only the model can answer, such as trainer.monitor) is still one line and exit 2."""
     if issubclass(exc_type, ConfigError):
+        from src.utils.run_lock import discard_unused_run_dirs
+
+        discard_unused_run_dirs()  # "nothing written": not even an empty run directory
         print(error.line, file=sys.stderr)  # type: ignore[attr-defined]
         sys.stdout.flush()
         sys.stderr.flush()

@@ -31,8 +31,9 @@ class RunInUseError(ConfigError):
 class RunLock:
     """A held lock; ``release()`` when this process is done with the run (or just exit)."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, created_dir: bool = False) -> None:
         self.path, self._fd, self._holders = path, fd, 1
+        self.created_dir = created_dir  # the run directory did not exist before the lock
 
     @property
     def held(self) -> bool:
@@ -62,6 +63,7 @@ def acquire_run_lock(run_dir: Path) -> RunLock:
     if held is not None and held.held:
         held._holders += 1
         return held
+    created_dir = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -69,6 +71,8 @@ def acquire_run_lock(run_dir: Path) -> RunLock:
     except BlockingIOError:
         holder, pid = _describe_holder(fd)
         os.close(fd)
+        if created_dir:  # cannot happen (the holder made it), but leave nothing behind
+            _remove_if_only_lock(path)
         raise RunInUseError(
             f"run directory {run_dir} is in use by {holder}: wait for that run to finish, "
             f"stop it (kill -TERM {pid}: it saves and exits), or use another run_name"
@@ -81,9 +85,29 @@ def acquire_run_lock(run_dir: Path) -> RunLock:
     }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-    lock = RunLock(path, fd)
+    lock = RunLock(path, fd, created_dir)
     _HELD[path] = lock
     return lock
+
+
+def discard_unused_run_dirs() -> None:
+    """For a script failing before training (a config or S3 error): run directories this
+    process created for its lock and never wrote to are removed, lock file and all."""
+    for lock in list(_HELD.values()):
+        if lock.created_dir and lock.held:
+            lock._holders = 1
+            lock.release()
+            _remove_if_only_lock(lock.path)
+
+
+def _remove_if_only_lock(lock_path: Path) -> None:
+    run_dir = lock_path.parent
+    try:
+        if [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
+            lock_path.unlink()
+            run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _describe_holder(fd: int) -> tuple[str, str]:

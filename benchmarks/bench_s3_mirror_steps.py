@@ -6,7 +6,7 @@ directory go to moto's S3 server on loopback in the background. Steps/s is globa
 train_seconds (from test_results.json: training time only, start-up excluded). On and off
 alternate, ``--pairs`` times; the ratio is the median of the paired ratios (on / off).
 
-    python benchmarks/bench_s3_mirror_steps.py [--pairs 3] [--every 20]
+    python benchmarks/bench_s3_mirror_steps.py [--pairs 3] [--every 100]
 Target: >= 0.97.
 """
 
@@ -50,7 +50,7 @@ def steps_per_second(output_dir: Path, name: str, every: int, s3: list[str]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--every", type=int, default=20, help="checkpoint.every_n_steps")
+    parser.add_argument("--every", type=int, default=100, help="checkpoint.every_n_steps")
     args = parser.parse_args()
 
     import boto3

@@ -47,6 +47,7 @@ from src.storage.s3 import (
     get_bytes,
     list_objects,
     make_client,
+    make_transfer,
     object_key,
     probe_writable,
     put_bytes,
@@ -59,6 +60,9 @@ LEASE_NAME = ".mirror-lease.json"
 MANIFEST_VERSION = 1
 LEASE_TTL_S = 90.0  # a lease whose heartbeat is older than this belongs to a dead machine
 MAX_BACKOFF_S = 30.0
+# The run's other files go up after a checkpoint, at most this often (and always on flush):
+# event files and logs change every few steps, and re-sending them costs the loop CPU time.
+FILES_INTERVAL_S = 30.0
 AUTH_CODES = {"ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
 
 
@@ -123,12 +127,15 @@ class CheckpointMirror:
         # No botocore retries: the worker's own backoff retries whole uploads, and a failure
         # shows at once (one warning) instead of after botocore's own backoff.
         self.client = client or make_client(endpoint_url, max_attempts=1)
+        self._transfer = make_transfer(self.client)
         self._warn = warn or _stderr_warning
         self._cond = threading.Condition()
         self._remote: dict[int, dict] = {}  # verified in S3 and listed in the manifest
         self._uploaded: dict[int, str] = {}  # step -> sha256 verified in S3 by this process
         self._pending: dict[int, dict] = {}  # committed locally, not yet verified in S3
         self._files_dirty = False
+        self._files_due = 0.0  # monotonic time the run files may go up again
+        self._flushing = False
         self._file_marks: dict[str, tuple[int, int]] = {}  # relpath -> (size, mtime_ns) sent
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -227,12 +234,14 @@ class CheckpointMirror:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._failures = 0  # retry now rather than after the current backoff
+            self._flushing = True  # the run files go now, not after FILES_INTERVAL_S
             self._cond.notify_all()
             while self._thread is not None and self._has_work():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 self._cond.wait(timeout=remaining if remaining is not None else 1.0)
+            self._flushing = False
             return FlushReport(
                 uploaded=sorted(self._remote),
                 waiting=sorted(self._pending),
@@ -314,20 +323,31 @@ class CheckpointMirror:
     def _has_work(self) -> bool:
         return bool(self._pending) or self._files_dirty or self._busy
 
+    def _next_job(self) -> tuple[int | None, bool]:
+        """(newest pending step, or None; whether the run files are due). Lock held."""
+        if self._pending:
+            return max(self._pending), False
+        due = self._flushing or time.monotonic() >= self._files_due
+        return None, self._files_dirty and due
+
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._has_work():
-                    self._cond.wait(timeout=LEASE_TTL_S / 3)
-                    if not self._has_work() and not self._stopping:
-                        break  # heartbeat time
-                if self._stopping:
-                    return
-                step = max(self._pending) if self._pending else None
+                while True:
+                    if self._stopping:
+                        return
+                    step, do_files = self._next_job()
+                    if step is not None or do_files:
+                        break
+                    timeout = LEASE_TTL_S / 3
+                    if self._files_dirty:
+                        timeout = min(timeout, max(0.05, self._files_due - time.monotonic()))
+                    if not self._cond.wait(timeout=timeout) and not self._files_dirty:
+                        break  # idle for a while: just the lease heartbeat
                 record = dict(self._pending[step]) if step is not None else None
-                do_files = step is None and self._files_dirty
                 if do_files:
                     self._files_dirty = False
+                    self._files_due = time.monotonic() + FILES_INTERVAL_S
                 self._busy = True
             try:
                 self._heartbeat()
@@ -362,6 +382,7 @@ class CheckpointMirror:
             self._key(record["file"]),
             sha256=record["sha256"],
             size=int(record["size"]),
+            transfer=self._transfer,
         )
         with self._cond:
             self._remote[step] = record
@@ -393,7 +414,13 @@ class CheckpointMirror:
             key = object_key(self.files_prefix, relative)
             try:
                 upload_verified(
-                    self.client, path, self.bucket, key, sha256=digest, size=stat.st_size
+                    self.client,
+                    path,
+                    self.bucket,
+                    key,
+                    sha256=digest,
+                    size=stat.st_size,
+                    transfer=self._transfer,
                 )
             except S3SyncError:
                 # The file changed while it was read (an event file being appended): the
@@ -415,6 +442,7 @@ class CheckpointMirror:
             waiting = len(self._pending)
         if error_code(error) in AUTH_CODES:
             self.client = make_client(self.endpoint_url, max_attempts=1)  # refreshed keys
+            self._transfer = make_transfer(self.client)
         if first:
             self._warn(
                 f"S3 upload to {self.url()} failed ({self.last_error}); training goes on, "

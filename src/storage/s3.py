@@ -27,6 +27,7 @@ from src.utils.atomic_io import fsync_dir, sha256_file, temp_path_for
 SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 SHA_METADATA = "sha256"
 MiB = 1024 * 1024
+SINGLE_PUT_BYTES = 8 * MiB  # below this, one PutObject beats the transfer manager's threads
 
 
 class S3SyncError(RuntimeError):
@@ -56,6 +57,13 @@ def transfer_config() -> Any:
     return TransferConfig(
         multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB, max_concurrency=10
     )
+
+
+def make_transfer(client: Any) -> Any:
+    """A reusable transfer manager for ``client`` (its threads are started once)."""
+    from boto3.s3.transfer import S3Transfer
+
+    return S3Transfer(client, transfer_config())
 
 
 def make_client(endpoint_url: str | None = None, *, max_attempts: int = 3) -> Any:
@@ -112,19 +120,33 @@ def upload_verified(
     sha256: str,
     size: int,
     callback: Callable[[int], None] | None = None,
+    transfer: Any = None,
 ) -> None:
     """Upload ``path`` with its recorded sha256, then check the object's size and sha256.
 
+    Small files are one PutObject (no transfer threads to start); larger ones go through
+    the transfer manager (``transfer``: a reused ``S3Transfer``, else a new one per call).
     Raises S3SyncError if the object in the bucket is not what was recorded.
     """
-    client.upload_file(
-        str(path),
-        bucket,
-        key,
-        ExtraArgs={"Metadata": {SHA_METADATA: sha256}},
-        Config=transfer_config(),
-        Callback=callback,
-    )
+    metadata = {SHA_METADATA: sha256}
+    if size < SINGLE_PUT_BYTES:
+        with open(path, "rb") as body:
+            client.put_object(Bucket=bucket, Key=key, Body=body, Metadata=metadata)
+        if callback is not None:
+            callback(size)
+    elif transfer is not None:
+        transfer.upload_file(
+            str(path), bucket, key, callback=callback, extra_args={"Metadata": metadata}
+        )
+    else:
+        client.upload_file(
+            str(path),
+            bucket,
+            key,
+            ExtraArgs={"Metadata": metadata},
+            Config=transfer_config(),
+            Callback=callback,
+        )
     check_object(client, bucket, key, sha256=sha256, size=size)
 
 

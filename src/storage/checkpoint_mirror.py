@@ -201,6 +201,11 @@ class CheckpointMirror:
         self._thread = threading.Thread(target=self._work, name="s3-mirror", daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Started (lease taken, worker alive) and not yet stopped."""
+        return self._thread is not None
+
     # ----- called by the checkpoint writer ---------------------------------------------------
 
     def enqueue(self, record: Mapping[str, Any]) -> None:

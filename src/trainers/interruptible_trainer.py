@@ -663,8 +663,8 @@ class InterruptibleTrainer:
 
     def _finish_mirror(self, status: str) -> None:
         """Wait for the S3 uploads (bounded on a stop), release the mirror, say what is left."""
-        if self.mirror is None:
-            return
+        if self.mirror is None or not self.mirror.running:
+            return  # never started (another machine holds the prefix): nothing to report
         self.mirror.mark_files_dirty()  # final_model.pt, training_log.json, test results
         grace = self.cfg.checkpoint.s3_stop_grace_s
         timeout = grace if status in {"interrupted", "failed"} else max(grace, FINAL_UPLOAD_S)

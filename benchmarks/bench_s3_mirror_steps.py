@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -53,31 +52,17 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="checkpoint.every_n_steps")
     args = parser.parse_args()
 
-    import boto3
-    from moto.server import ThreadedMotoServer
+    from benchmarks.s3_server import moto_bucket
 
-    from tests.support.sshd import free_port
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
-    )
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-    s3 = [f"checkpoint.s3_bucket={BUCKET}", f"checkpoint.endpoint_url={endpoint}"]
     ratios = []
-    try:
+    with moto_bucket(BUCKET) as (endpoint, _):
+        s3 = [f"checkpoint.s3_bucket={BUCKET}", f"checkpoint.endpoint_url={endpoint}"]
         with tempfile.TemporaryDirectory() as tmp:
             for pair in range(args.pairs):
                 off = steps_per_second(Path(tmp), f"off{pair}", args.every, [])
                 on = steps_per_second(Path(tmp), f"on{pair}", args.every, s3)
                 ratios.append(on / off)
                 print(f"  pair {pair}: off {off:.0f} steps/s, on {on:.0f} steps/s ({on / off:.3f})")
-    finally:
-        server.stop()
     print(f"S3 mirror on / off: {statistics.median(ratios):.3f} steps/s (target >= 0.97)")
 
 

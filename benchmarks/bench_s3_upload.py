@@ -13,8 +13,6 @@ Target: >= 0.9.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -33,24 +31,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    import boto3
     import torch
-    from moto.server import ThreadedMotoServer
 
+    from benchmarks.s3_server import moto_bucket
     from src.utils.checkpoint_manager import CheckpointManager
-    from tests.support.sshd import free_port
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
-    )
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    with moto_bucket(BUCKET) as (endpoint, client):
         with tempfile.TemporaryDirectory() as tmp:
             manager = CheckpointManager(
                 Path(tmp) / "ckpt",
@@ -79,8 +65,6 @@ def main() -> None:
                 managed.append(time.perf_counter() - started)
                 print(f"  repeat {repeat}: plain {plain[-1]:.2f} s, manager {managed[-1]:.2f} s")
             manager.close(remote_timeout=60)
-    finally:
-        server.stop()
     ratio = statistics.median(plain) / statistics.median(managed)
     mb_s = info.size / 1e6 / statistics.median(managed)
     print(

@@ -668,12 +668,15 @@ class InterruptibleTrainer:
         self.mirror.mark_files_dirty()  # final_model.pt, training_log.json, test results
         grace = self.cfg.checkpoint.s3_stop_grace_s
         timeout = grace if status in {"interrupted", "failed"} else max(grace, FINAL_UPLOAD_S)
+        if not self.mirror.flush(min(timeout, 2.0)).complete:
+            self._print(f"waiting up to {timeout:.0f} s for the S3 uploads to finish")
         report = self.checkpoints.close(remote_timeout=timeout)
         if report is None:
             return
         where = self.mirror.url()
         if report.complete:
-            self._print(f"S3 mirror up to date: step {max(report.uploaded)} in {where}")
+            newest = f"step {max(report.uploaded)} in " if report.uploaded else ""
+            self._print(f"S3 mirror up to date: {newest}{where}")
             return
         waiting = ", ".join(str(step) for step in report.waiting) or "run files only"
         reason = f" ({self.mirror.last_error})" if self.mirror.last_error else ""

@@ -318,38 +318,24 @@ def sync_outputs(
 
 
 def upload_to_s3(manifest: Manifest, bucket: str, environ: Mapping[str, str]) -> list[str]:
-    """Upload the verified files (each checked in the bucket: size and sha256), then list
-    the prefix once more so a file missing from the bucket is named."""
-    from src.storage.s3 import (
-        S3SyncError,
-        list_objects,
-        make_client,
-        object_key,
-        upload_directory,
-    )
+    """Upload the verified files; each object is checked in the bucket (size and sha256) by
+    ``upload_directory``, so a file that did not land fails here, named."""
+    from src.storage.s3 import S3SyncError, error_line, make_client, object_key, upload_directory
 
     prefix = environ.get("S3_PREFIX", "").strip()
     try:
-        client = make_client(environ.get("S3_ENDPOINT_URL") or None)
         upload_directory(
             Path(manifest.local_dir),
             bucket,
             prefix,
             [entry.path for entry in manifest.files],
-            client=client,
+            client=make_client(environ.get("S3_ENDPOINT_URL") or None),
             known_sha256={entry.path: entry.sha256 for entry in manifest.files},
         )
-        in_bucket = list_objects(client, bucket, prefix)
     except S3SyncError as error:
         raise SyncError("upload", str(error)) from None
     except Exception as error:  # noqa: BLE001 - botocore config errors, endpoint unreachable
-        from src.storage.s3 import error_line
-
         raise SyncError("upload", error_line(error)) from None
-    for entry in manifest.files:
-        key = object_key(prefix, entry.path)
-        if in_bucket.get(key) != entry.size:
-            raise SyncError("upload", f"s3://{bucket}/{key} is missing or has the wrong size")
     return [object_key(prefix, entry.path) for entry in manifest.files]
 
 

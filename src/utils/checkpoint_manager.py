@@ -261,7 +261,7 @@ class CheckpointManager:
     def start_mirror(self) -> None:
         """Start the S3 mirror (idempotent): take its lease and queue local checkpoints the
         bucket lacks (what a killed run could not upload)."""
-        if self.mirror is not None:
+        if self.mirror is not None and not self.mirror.running:  # save() calls this each time
             self.mirror.start([_record_of(info) for info in self.list_checkpoints()])
 
     def upload_latest(self, timeout: float | None = None) -> CheckpointInfo | None:

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -54,6 +54,7 @@ from src.storage.s3 import (
     upload_verified,
 )
 from src.utils.atomic_io import sha256_file
+from src.utils.checkpoint_manager import print_note, print_warning
 
 MANIFEST_NAME = "manifest.json"
 LEASE_NAME = ".mirror-lease.json"
@@ -113,7 +114,6 @@ class CheckpointMirror:
         files_dir: Path | None = None,
         files_prefix: str | None = None,
         client: Any = None,
-        warn: Callable[[str], None] | None = None,
     ) -> None:
         if keep_last_n < 1:
             raise ValueError("remote keep_last_n must be >= 1")
@@ -128,7 +128,6 @@ class CheckpointMirror:
         # shows at once (one warning) instead of after botocore's own backoff.
         self.client = client or make_client(endpoint_url, max_attempts=1)
         self._transfer = make_transfer(self.client)
-        self._warn = warn or _stderr_warning
         self._cond = threading.Condition()
         self._remote: dict[int, dict] = {}  # verified in S3 and listed in the manifest
         self._uploaded: dict[int, str] = {}  # step -> sha256 verified in S3 by this process
@@ -197,7 +196,7 @@ class CheckpointMirror:
             self._stopping = False
         if self._pending:
             steps = ", ".join(str(step) for step in sorted(self._pending))
-            self._info(f"uploading checkpoint(s) a previous run left on this disk: step {steps}")
+            print_note(f"uploading checkpoint(s) a previous run left on this disk: step {steps}")
         self._thread = threading.Thread(target=self._work, name="s3-mirror", daemon=True)
         self._thread.start()
 
@@ -274,7 +273,7 @@ class CheckpointMirror:
         try:
             self._upload_files()
         except Exception as error:  # noqa: BLE001 - the files stay local; say so once
-            self._warn(f"could not upload run files to {self.url()}: {error_line(error)}")
+            print_warning(f"could not upload run files to {self.url()}: {error_line(error)}")
 
     # ----- downloading ---------------------------------------------------------------------
 
@@ -378,7 +377,7 @@ class CheckpointMirror:
             # deleting files by hand can. Drop it: nothing left to upload.
             with self._cond:
                 self._pending.pop(step, None)
-            self._warn(f"checkpoint {record['file']} vanished before its upload; skipped")
+            print_warning(f"checkpoint {record['file']} vanished before its upload; skipped")
             return
         upload_verified(
             self.client,
@@ -449,7 +448,7 @@ class CheckpointMirror:
             self.client = make_client(self.endpoint_url, max_attempts=1)  # refreshed keys
             self._transfer = make_transfer(self.client)
         if first:
-            self._warn(
+            print_warning(
                 f"S3 upload to {self.url()} failed ({self.last_error}); training goes on, "
                 f"{waiting} checkpoint(s) waiting, retrying with backoff"
             )
@@ -465,7 +464,7 @@ class CheckpointMirror:
             self._failures = 0
             waiting = len(self._pending)
         if since is not None:
-            self._info(
+            print_note(
                 f"S3 answers again after {time.monotonic() - since:.0f} s; "
                 f"{waiting} checkpoint(s) still to upload"
             )
@@ -511,9 +510,6 @@ class CheckpointMirror:
         except Exception:  # noqa: BLE001 - an unreachable S3 at exit: the lease just expires
             pass
 
-    def _info(self, message: str) -> None:
-        print(f"[checkpoint] {message}", file=sys.stderr, flush=True)
-
 
 def _not_mirrored(relative: str) -> bool:
     """The checkpoints (mirrored on their own), the run lock and temp files."""
@@ -532,10 +528,6 @@ def _age_seconds(response: Mapping[str, Any]) -> float:
         return max(0.0, (server_now - response["LastModified"]).total_seconds())
     except (KeyError, TypeError, ValueError):
         return 0.0
-
-
-def _stderr_warning(message: str) -> None:
-    print(f"[checkpoint] warning: {message}", file=sys.stderr, flush=True)
 
 
 def mirror_for_run(settings: Any, run_name: str, run_dir: Path) -> CheckpointMirror:

@@ -300,7 +300,7 @@ class CheckpointManager:
             atomic_write_bytes(path.with_suffix(".json"), json.dumps(record, indent=2).encode())
             self._downloaded[int(record["step"])] = mirror.url(record["file"])
             restored = mirror.restore_files()
-            _note(
+            print_note(
                 f"downloaded {record['file']} from {mirror.url(record['file'])}"
                 + (f"; restored {len(restored)} run file(s)" if restored else "")
             )
@@ -412,7 +412,9 @@ class CheckpointManager:
                     return LoadedCheckpoint(state, info)
                 except Exception as error:  # corrupt zip, pickle error
                     problem = f"cannot load ({type(error).__name__}: {error})"
-            _warn(f"skipping checkpoint {info.path.name}: {problem}; trying the previous one")
+            print_warning(
+                f"skipping checkpoint {info.path.name}: {problem}; trying the previous one"
+            )
         return None
 
     def fetch_remote(self) -> None:
@@ -433,7 +435,8 @@ class CheckpointManager:
                 raise
             from src.storage.s3 import error_line
 
-            _warn(f"cannot read {self.mirror.url()} ({error_line(error)}); using local ones")
+            where = self.mirror.url()
+            print_warning(f"cannot read {where} ({error_line(error)}); using local ones")
 
 
 def _record_of(info: CheckpointInfo) -> dict[str, Any]:
@@ -461,7 +464,7 @@ def read_checkpoint_infos(checkpoint_dir: Path) -> list[CheckpointInfo]:
                 )
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
-            _warn(f"ignoring unreadable checkpoint sidecar {sidecar.name}: {error}")
+            print_warning(f"ignoring unreadable checkpoint sidecar {sidecar.name}: {error}")
     return sorted(infos, key=lambda info: info.step, reverse=True)
 
 
@@ -471,12 +474,13 @@ def _flush_at_exit(manager_ref: weakref.ref) -> None:
         try:
             manager.wait()
         except RuntimeError as error:
-            _warn(str(error))
+            print_warning(str(error))
 
 
-def _note(message: str) -> None:
+def print_note(message: str) -> None:
+    """One ``[checkpoint]`` line on stderr (the manager's and the S3 mirror's)."""
     print(f"[checkpoint] {message}", file=sys.stderr, flush=True)
 
 
-def _warn(message: str) -> None:
+def print_warning(message: str) -> None:
     print(f"[checkpoint] warning: {message}", file=sys.stderr, flush=True)

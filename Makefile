@@ -2,10 +2,10 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: help setup train test lint format bench clean
+.PHONY: help setup train test lint format bench tensorboard clean
 
 help:  ## show this help
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
 setup:  ## install runtime dependencies (keeps an existing torch)
 	bash setup/install_deps.sh
@@ -24,6 +24,9 @@ lint:  ## ruff check + format check
 format:  ## apply ruff fixes and formatting
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
+
+tensorboard:  ## TensorBoard for every run on port 6006 (ssh_config's LocalForward: http://localhost:8080)
+	$(PYTHON) -m tensorboard.main --port 6006 --logdir "$${LOGDIR:-$$($(PYTHON) -c 'from src.utils.paths import resolve_output_dir; print(resolve_output_dir())')}"
 
 bench:  ## run the benchmarks (prints ratios against their baselines)
 	for b in benchmarks/bench_*.py; do $(PYTHON) $$b || exit 1; done

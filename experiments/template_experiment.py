@@ -57,9 +57,9 @@ from src.utils.signals import exit_interrupted
 trainer = InterruptibleTrainer(cfg, model, train_set, val_set)
 result = trainer.fit()
 if result.interrupted:
-    print(f"interrupted by {result.signal_name} at step {result.global_step}; re-run to resume")
+    print(f"stopped by {result.stopped_by} at step {result.global_step}; re-run to resume")
     if not in_notebook():
-        exit_interrupted()  # exit code 75: "interrupted, checkpoint saved, re-run to resume"
+        exit_interrupted(result)  # 75: stopped by a signal, 76: budget spent; re-run resumes
 
 # %% Evaluate on the test set (best weights) and write test_results.json
 if not result.interrupted:

@@ -3,7 +3,7 @@
 
     python scripts/launch_vast.py status [--all] [--json]
     python scripts/launch_vast.py search --gpu "RTX 4090" --max-price 0.6 --min-disk 100
-    python scripts/launch_vast.py create OFFER_ID --disk 100 [--bid 0.3] [--wait]
+    python scripts/launch_vast.py create OFFER_ID --disk 100 [--bid 0.3] [--wait] [--autostop 20]
     python scripts/launch_vast.py ssh-config ID [--alias NAME]
     python scripts/launch_vast.py destroy ID [--remote-dir DIR] [--force]   # refused until
                                              # DIR (SYNC_REMOTE_DIR) is synced and verified

@@ -32,6 +32,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 DEV_CONFIG = CONFIG_DIR / "dev_config.yaml"
 PROD_CONFIG = CONFIG_DIR / "prod_config.yaml"
 EXIT_CONFIG_ERROR = 2
+AUTO_BATCH_SIZE = "auto"  # data.batch_size: the largest that fits the GPU
 # S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting and ending with a
 # letter or digit (AWS's rules; S3-compatible stores accept the same).
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -65,11 +66,18 @@ class SettingError(ValueError):
 class DataConfig:
     """What the trainer reads from ``data:``. An experiment's own data settings extend it."""
 
-    batch_size: int = 64  # per device: under torchrun the effective batch is x world size
+    # Per device (under torchrun the effective batch is x world size), or "auto": the largest
+    # that fits the GPU, found once per run (src/utils/batch_size.py) and kept on resume.
+    batch_size: Any = 64
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        size_ok = self.batch_size == AUTO_BATCH_SIZE or (
+            isinstance(self.batch_size, int)
+            and not isinstance(self.batch_size, bool)
+            and self.batch_size >= 1
+        )
+        require(size_ok, "batch_size", self.batch_size, 'an integer >= 1 or "auto"')
         require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
 
 
@@ -155,15 +163,22 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
-    wandb: bool = False
+    use_wandb: bool = False  # `wandb` in older configs, still read (RENAMED_KEYS)
     wandb_project: str = "gpu-train-kit"
     wandb_mode: str = "offline"  # offline | online | disabled
+    # GPU utilisation and memory (NVML, ~1 Hz) into TensorBoard/W&B and the epoch line.
+    gpu_stats: bool = True
+    # One warning per run when the GPU stays under this utilisation for this long in training.
+    low_gpu_util_percent: float = 30.0
+    low_gpu_util_minutes: float = 5.0
 
 
 @dataclass
 class CostConfig:
     # $/hour of the machine; None: looked up from the Vast.ai instance when running on one.
     hourly_rate_usd: float | None = None
+    # Stop the run (checkpoint, exit 76) once it has cost this much; None: no budget.
+    budget_usd: float | None = None
 
 
 @dataclass
@@ -179,6 +194,10 @@ class ExperimentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cost: CostConfig = field(default_factory=CostConfig)
 
+
+# Old key -> new key. Files and overrides may still use the old names; they are read as the
+# new ones, each layer before it is merged, so a later layer wins as usual.
+RENAMED_KEYS = {"logging.wandb": "logging.use_wandb"}
 
 # Top-level sections of a config file that belong to other tools (scripts/run_residual_sweep.py
 # reads `residual_compare`): an experiment skips them, the tool checks them with its own schema.
@@ -294,6 +313,8 @@ def load_config(
         raise ConfigError(f"{path} must hold a mapping of sections (e.g. trainer: ...)")
     keep = (lambda key: key in sections) if sections else (lambda key: key not in TOOL_SECTIONS)
     file_cfg = OmegaConf.masked_copy(file_cfg, [key for key in file_cfg if keep(key)])
+    file_cfg = rename_old_keys(file_cfg, str(path))
+    overrides = [rename_old_override(item) for item in overrides or []]
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(schema), file_cfg)
     except OmegaConfBaseException as error:
@@ -318,6 +339,32 @@ def load_config(
         validate(cfg, source)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def rename_old_keys(file_cfg: DictConfig, source: str) -> DictConfig:
+    """A file's old key names (RENAMED_KEYS) read as the new ones; both at once is an error."""
+    for old, new in RENAMED_KEYS.items():
+        value = OmegaConf.select(file_cfg, old, default=_MISSING)
+        if value is _MISSING:
+            continue
+        if OmegaConf.select(file_cfg, new, default=_MISSING) is not _MISSING:
+            raise ConfigError(
+                f"{source} sets both '{old}' and its new name '{new}': keep only '{new}'"
+            )
+        parent, leaf = old.rsplit(".", 1)
+        section = OmegaConf.select(file_cfg, parent)
+        del section[leaf]
+        OmegaConf.update(file_cfg, new, value, force_add=True)
+    return file_cfg
+
+
+def rename_old_override(item: str) -> str:
+    """``logging.wandb=true`` -> ``logging.use_wandb=true``."""
+    key, sep, value = item.partition("=")
+    return f"{RENAMED_KEYS.get(key, key)}{sep}{value}"
+
+
+_MISSING = object()
 
 
 def _is_signal_name(name: str) -> bool:
@@ -390,6 +437,22 @@ def validate(cfg: DictConfig, source: str) -> None:
             cfg.logging.wandb_mode in {"offline", "online", "disabled"},
             "offline|online|disabled",
         ),
+        (
+            "logging.low_gpu_util_percent",
+            0 < cfg.logging.low_gpu_util_percent <= 100,
+            "a percentage in (0, 100]",
+        ),
+        ("logging.low_gpu_util_minutes", cfg.logging.low_gpu_util_minutes > 0, "minutes > 0"),
+        (
+            "cost.hourly_rate_usd",
+            cfg.cost.hourly_rate_usd is None or cfg.cost.hourly_rate_usd >= 0,
+            "null (the Vast.ai instance's price) or dollars per hour >= 0",
+        ),
+        (
+            "cost.budget_usd",
+            cfg.cost.budget_usd is None or cfg.cost.budget_usd > 0,
+            "null (no budget) or dollars > 0",
+        ),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -397,6 +460,10 @@ def validate(cfg: DictConfig, source: str) -> None:
             raise ConfigError(f"bad value for '{key}' in {source}: {value!r}, expected {expected}")
     for section in ("data", "model"):
         check_section(cfg, section, source)
+
+
+def wandb_enabled(cfg: DictConfig) -> bool:
+    return bool(cfg.logging.use_wandb) and cfg.logging.wandb_mode != "disabled"
 
 
 def check_section(cfg: DictConfig, section: str, source: str) -> None:

@@ -42,7 +42,7 @@ def test_sigterm_under_torchrun_stops_all_ranks_at_one_step_then_resumes(tmp_pat
     wait_for_checkpoint(process, run_dir, 40)
     os.killpg(process.pid, signal.SIGTERM)  # agent and both ranks, like Slurm or docker stop
     out, err = process.communicate(timeout=120)
-    stopped = re.findall(r"interrupted by SIGTERM at step (\d+)", out)
+    stopped = re.findall(r"stopped by SIGTERM at step (\d+)", out)
     assert len(stopped) == 2 and stopped[0] == stopped[1], out + err
     step = int(stopped[0])
     assert (run_dir / "checkpoints" / f"step_{step:09d}.json").is_file()

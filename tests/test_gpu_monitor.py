@@ -1,9 +1,13 @@
-"""GPU detection and the guardrail: real detection on this machine, rules on known cards."""
+"""GPU detection, the guardrail, utilisation and cost: real detection on this machine, a stand-in
+NVML module for the cards this machine does not have."""
 
 from __future__ import annotations
 
+import io
 import sys
+import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +16,16 @@ from src.utils.gpu_monitor import (
     GpuDevice,
     GpuInventory,
     GpuRequirement,
+    GpuSampler,
     check_guardrail,
     cuda_index,
     detect_gpus,
+    get_instance_cost,
+    print_gpu_status,
     requirement_from,
     visible_indices,
 )
+from tests.support.nvml_state import FAKE_NVML_DIR, gpu, write_state
 
 A100_40 = GpuDevice(0, "NVIDIA A100-SXM4-40GB", 42.9)
 A100_80 = GpuDevice(0, "NVIDIA A100-SXM4-80GB", 85.1)
@@ -137,3 +145,130 @@ def test_detect_gpus_on_a_gpu_machine() -> None:
     inventory = detect_gpus()
     assert inventory.source in {"nvml", "torch"}
     assert inventory.devices[0].name == torch.cuda.get_device_name(0)
+
+
+# ----- utilisation, the table, the sampler, cost (through the stand-in pynvml module) -----
+
+
+@pytest.fixture
+def nvml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The stand-in pynvml module importable as ``pynvml``; returns its state file."""
+    state = tmp_path / "nvml.json"
+    write_state(state, [gpu()])
+    monkeypatch.setenv("FAKE_NVML_STATE", str(state))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.syspath_prepend(str(FAKE_NVML_DIR))
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    return state
+
+
+def test_print_gpu_status_table_reads_every_field(nvml: Path) -> None:
+    write_state(
+        nvml,
+        [
+            gpu(97, (11, 12), used=61.2e9, temp=71, power_mw=612_000),
+            gpu(
+                None,
+                name="NVIDIA GeForce RTX 4090",
+                uuid="GPU-bbbb",
+                total=25.4e9,
+                temp=None,
+                power_mw=None,
+            ),
+        ],
+    )
+    out = io.StringIO()
+    readings = print_gpu_status(file=out)
+    text = out.getvalue()
+    assert [r.name for r in readings] == ["NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090"]
+    first = readings[0]
+    assert (first.utilization_percent, first.temperature_c, first.power_w) == (97, 71, 612.0)
+    assert first.compute_processes == 2 and first.memory_used_gb == pytest.approx(61.2)
+    for cell in ("97 %", "61.2 / 85.0 GB", "71 C", "612 W", "RTX 4090", "n/a"):
+        assert cell in text, (cell, text)
+    assert readings[1].utilization_percent is None  # NotSupported: shown, never raised
+
+
+def test_print_gpu_status_follows_cuda_visible_devices(
+    nvml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_state(nvml, [gpu(10), gpu(80, name="NVIDIA A100-SXM4-80GB", uuid="GPU-bbbb")])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    readings = print_gpu_status(file=io.StringIO())
+    assert [(r.index, r.name, r.utilization_percent) for r in readings] == [
+        (0, "NVIDIA A100-SXM4-80GB", 80)
+    ]
+
+
+def test_print_gpu_status_without_a_driver_is_one_line(nvml: Path) -> None:
+    write_state(nvml, [], no_driver=True)
+    out = io.StringIO()
+    assert print_gpu_status(file=out) == []
+    assert out.getvalue().count("\n") == 1 and "Driver Not Loaded" in out.getvalue()
+
+
+def test_print_gpu_status_on_this_machine_never_raises() -> None:
+    out = io.StringIO()
+    readings = print_gpu_status(file=out)  # the real pynvml: no driver here, a table on a GPU box
+    assert out.getvalue().strip()
+    assert len(readings) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def test_sampler_averages_and_warns_once_about_low_utilization(nvml: Path) -> None:
+    write_state(nvml, [gpu(90, used=30e9)])
+    sampler = GpuSampler(0, interval_s=0.01, low_util_percent=30, low_util_s=0.3)
+    assert sampler.start(), sampler.unavailable_reason
+    try:
+        sampler.set_training(True)
+        time.sleep(0.2)
+        metrics = sampler.metrics()
+        assert metrics["gpu/utilization_percent"] == 90
+        assert metrics["gpu/memory_used_gb"] == pytest.approx(30.0)
+        assert sampler.summary() == "gpu 90% 30.0/85.0 GB"
+        write_state(nvml, [gpu(12)])  # the data loader starves the GPU
+        time.sleep(0.15)
+        assert sampler.take_warning() is None  # not for long enough yet
+        time.sleep(0.5)
+        warning = sampler.take_warning()
+        assert warning is not None and "under 30%" in warning and "data.num_workers" in warning
+        assert "mean 12%" in warning and "trainer.precision=bf16" in warning
+        time.sleep(0.5)
+        assert sampler.take_warning() is None  # once per run, not once per sample
+    finally:
+        sampler.stop()
+
+
+def test_sampler_ignores_low_utilization_outside_training(nvml: Path) -> None:
+    write_state(nvml, [gpu(0)])
+    sampler = GpuSampler(0, interval_s=0.01, low_util_percent=30, low_util_s=0.1)
+    assert sampler.start()
+    try:
+        sampler.set_training(False)  # evaluating, checkpointing
+        time.sleep(0.3)
+        assert sampler.take_warning() is None
+        sampler.set_training(True)
+        time.sleep(0.05)
+        write_state(nvml, [gpu(95)])  # busy again before the window closed: no warning
+        time.sleep(0.3)
+        assert sampler.take_warning() is None
+    finally:
+        sampler.stop()
+
+
+def test_sampler_without_a_driver_says_why(nvml: Path) -> None:
+    write_state(nvml, [], no_driver=True)
+    sampler = GpuSampler(0, interval_s=0.01)
+    assert not sampler.start()
+    assert "Driver Not Loaded" in (sampler.unavailable_reason or "")
+    assert sampler.metrics() == {} and sampler.summary() == ""
+
+
+def test_get_instance_cost() -> None:
+    assert get_instance_cost(hourly_rate=0.5, runtime_hours=10) == {
+        "hourly_rate_usd": 0.5,
+        "runtime_hours": 10.0,
+        "total_cost_usd": 5.0,
+    }
+    assert get_instance_cost(2.4, 0.25)["total_cost_usd"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        get_instance_cost(-1, 1)

@@ -31,7 +31,7 @@ from types import FrameType
 from typing import IO
 
 from src.utils.paths import REPO_ROOT
-from src.utils.signals import EXIT_ABORTED, EXIT_INTERRUPTED
+from src.utils.signals import EXIT_ABORTED, EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
 
 EXIT_FAILED = 1
 POLL_SECONDS = 0.05
@@ -186,6 +186,8 @@ def _finish(entry: _Running, echo: Callable[[str], None]) -> TaskResult:
         status, message = "ok", ""
     elif code == EXIT_INTERRUPTED:
         status, message = "interrupted", "stopped after saving; re-run the sweep to resume"
+    elif code == EXIT_BUDGET_REACHED:
+        status, message = "interrupted", "cost.budget_usd reached; raise it and re-run to resume"
     elif code == EXIT_ABORTED:
         status, message = "interrupted", "aborted (second Ctrl-C); re-run to resume"
     else:

@@ -12,7 +12,11 @@ train with ``loss_fn(model(inputs), targets)`` and dict batches with ``model(**b
 Interruptions: SIGTERM, SIGINT and ``trainer.extra_stop_signal`` only set a flag.
 At the next step boundary the trainer saves a checkpoint, waits until it is on
 disk, and ``fit`` returns with ``interrupted=True``; scripts then exit with
-``EXIT_INTERRUPTED`` (75). Running the same command again resumes.
+``EXIT_INTERRUPTED`` (75). Running the same command again resumes. A spent
+``cost.budget_usd`` stops the run the same way, with ``EXIT_BUDGET_REACHED`` (76).
+
+Cost: the machine bills wall time, so the run's cost counts every second of its processes
+(start-up, evaluation, checkpointing) at the hourly rate, and is carried in the checkpoint.
 
 Exact resume: the checkpoint holds model, optimizer, LR scheduler, grad scaler,
 all RNG states, the position inside the epoch (the sampler order is a function of
@@ -46,10 +50,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from src.config import ConfigError, resume_settings
+from src.config import AUTO_BATCH_SIZE, ConfigError, in_notebook, resume_settings
 from src.data.batches import batch_size_of, move_to_device
 from src.data.loaders import EVAL_EPOCH, make_loader
 from src.data.resumable_sampler import ResumableSampler
+from src.utils.batch_size import BatchSizeError, find_max_batch_size
 from src.utils.checkpoint_manager import (
     CheckpointManager,
     atomic_torch_save,
@@ -57,20 +62,27 @@ from src.utils.checkpoint_manager import (
 )
 from src.utils.distributed import (
     DistInfo,
-    any_rank,
     barrier,
     gather_objects,
     init_distributed,
+    max_over_ranks,
     sum_over_ranks,
 )
-from src.utils.metric_logger import MetricLogger
+from src.utils.gpu_monitor import GpuSampler, cuda_index, hourly_rate, process_age_s
+from src.utils.metric_logger import MetricLogger, new_wandb_run_id
 from src.utils.rng import capture_rng_state, restore_rng_state, seed_everything
 from src.utils.run_io import check_resume_settings, prepare_run_dir, run_dir_for, write_json
 from src.utils.run_lock import acquire_run_lock
-from src.utils.signals import EXIT_INTERRUPTED, StopRequest, ignore_stop_signals, parse_signals
-from src.vast.pricing import detect_hourly_rate
+from src.utils.signals import (
+    EXIT_BUDGET_REACHED,
+    EXIT_INTERRUPTED,
+    StopRequest,
+    ignore_stop_signals,
+    parse_signals,
+)
 
 __all__ = [
+    "EXIT_BUDGET_REACHED",
     "EXIT_INTERRUPTED",
     "FitResult",
     "InterruptibleTrainer",
@@ -82,6 +94,8 @@ __all__ = [
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _NO_CONTEXT = contextlib.nullcontext()  # reusable; one fewer object per step
 FINAL_UPLOAD_S = 600.0  # at the end of a run, how long the last S3 uploads may take
+# What stopped a step loop early, reduced over ranks with max (a budget stop wins).
+STOP_NONE, STOP_SIGNAL, STOP_BUDGET = 0, 1, 2
 StepOutput = torch.Tensor | Mapping[str, torch.Tensor]
 StepFn = Callable[[nn.Module, Any], StepOutput]
 EvalFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
@@ -100,7 +114,10 @@ class TrainState:
     best_step: int = -1
     epochs_without_improvement: int = 0
     status: str = "running"  # running | completed | early_stopped
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # inside fit(): what the ETA is based on
+    billed_seconds: float = 0.0  # every second of the run's processes: what the machine bills
+    cost_usd: float = 0.0  # billed seconds at the rate of the machine they ran on
+    wandb_run_id: str | None = None  # the same W&B run after a resume on any machine
     history: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
@@ -111,17 +128,31 @@ class TrainState:
 
 @dataclass
 class FitResult:
-    status: str  # "completed" | "early_stopped" | "interrupted"
+    status: str  # "completed" | "early_stopped" | "interrupted" | "budget_reached"
     global_step: int
     epoch: int
     monitor: str  # e.g. "val/loss"
     best_value: float | None  # best value of ``monitor``
     run_dir: Path
     signal_name: str | None = None
+    cost_usd: float | None = None  # None: no hourly rate known
 
     @property
     def interrupted(self) -> bool:
-        return self.status == "interrupted"
+        """Stopped early with a checkpoint saved: running the command again resumes."""
+        return self.status in {"interrupted", "budget_reached"}
+
+    @property
+    def stopped_by(self) -> str | None:
+        """``SIGTERM``, ``SIGINT``... or ``cost.budget_usd``; None if the run was not stopped."""
+        return "cost.budget_usd" if self.status == "budget_reached" else self.signal_name
+
+    @property
+    def exit_code(self) -> int:
+        """For scripts: 0, 75 (stopped by a signal) or 76 (budget reached)."""
+        if self.status == "budget_reached":
+            return EXIT_BUDGET_REACHED
+        return EXIT_INTERRUPTED if self.status == "interrupted" else 0
 
 
 def select_device(requested: str) -> torch.device:
@@ -222,6 +253,7 @@ class InterruptibleTrainer:
         loss_fn: LossFn = F.cross_entropy,
     ) -> None:
         self.cfg = cfg
+        self._last_bill_tick = _bill_origin()  # start-up is billed too
         self.device = select_device(cfg.trainer.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.is_distributed and self.device.type == "cuda":
@@ -235,7 +267,9 @@ class InterruptibleTrainer:
         self.run_dir = run_dir_for(cfg)  # written to only at the end of __init__
         # S3 settings are probed (and the bucket's newest checkpoint checked like a local
         # one) now: a bad bucket or missing credentials fail before anything is written.
-        self.mirror = make_mirror(cfg, self.run_dir, self.dist.world_size, self.dist.is_main)
+        self.mirror, remote_newest = make_mirror(
+            cfg, self.run_dir, self.dist.world_size, self.dist.is_main
+        )
         self.train_set, self.val_set = train_set, val_set
         self.collate_fn = collate_fn
         if step_fn is None:
@@ -252,6 +286,7 @@ class InterruptibleTrainer:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
 
         self.precision = self._effective_precision(cfg.trainer.precision)
+        self.batch_size = self._resolve_batch_size(remote_newest)
         self.optimizer = (
             optimizer_fn(self.model)
             if optimizer_fn is not None
@@ -266,7 +301,7 @@ class InterruptibleTrainer:
             self.dist.rank,
             self.dist.world_size,
         )
-        self.batches_per_epoch = math.ceil(len(self.sampler) / cfg.data.batch_size)
+        self.batches_per_epoch = math.ceil(len(self.sampler) / self.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.trainer.grad_accum_steps)
         self.total_steps = cfg.trainer.max_epochs * self.steps_per_epoch
         if cfg.trainer.max_steps > 0:
@@ -292,16 +327,21 @@ class InterruptibleTrainer:
         self._accum = cfg.trainer.grad_accum_steps
         self._resume_settings = resume_settings(cfg, self.dist.world_size)
         self._last_tick = time.perf_counter()
+        self._budget_usd = cfg.cost.budget_usd
         # Running sums for the epoch's mean train loss, kept on the device (no sync per step).
         self._epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._epoch_samples = 0
         stop_names = ["SIGTERM", "SIGINT", cfg.trainer.extra_stop_signal]
         self._stop_signal_names = [name for name in stop_names if name]
         self.stop_request = StopRequest(parse_signals(self._stop_signal_names))
-        # $/h for the cost shown in epoch lines: config value, else the Vast.ai instance's price.
-        self.hourly_rate_usd = (
-            detect_hourly_rate(cfg.cost.hourly_rate_usd) if self.dist.is_main else None
-        )
+        # $/h: the config's value, else the Vast.ai instance's price; None: cost not tracked.
+        self.hourly_rate_usd = hourly_rate(cfg.cost.hourly_rate_usd) if self.dist.is_main else None
+        if self._budget_usd is not None and self.dist.is_main and self.hourly_rate_usd is None:
+            raise ConfigError(
+                f"cost.budget_usd={self._budget_usd} needs the machine's price, and none is "
+                "known here: set cost.hourly_rate_usd (dollars per hour)"
+            )
+        self.gpu_sampler: GpuSampler | None = None
         # Last, so a bad trainer.monitor leaves the run directory untouched.
         self._check_monitor()
         prepare_run_dir(cfg, is_main=self.dist.is_main)
@@ -316,7 +356,7 @@ class InterruptibleTrainer:
     # ----- the loop ---------------------------------------------------------------------
 
     def fit(self) -> FitResult:
-        """Train to the end (or until a stop signal); safe to call again to resume."""
+        """Train to the end (or until a stop signal or the budget); safe to call again to resume."""
         run_lock = acquire_run_lock(self.run_dir) if self.dist.is_main else None
         status = "failed"
         try:
@@ -327,15 +367,26 @@ class InterruptibleTrainer:
                 barrier(self.dist)  # every rank then loads what rank 0 downloaded
                 resumed_step = self._resume()
                 self._last_tick = time.perf_counter()
-                logger = MetricLogger(self.cfg, self.run_dir, resumed_step, self.dist.is_main)
+                if self.state.wandb_run_id is None:  # kept in the checkpoint from now on
+                    self.state.wandb_run_id = new_wandb_run_id()
+                logger = MetricLogger(
+                    self.cfg,
+                    self.run_dir,
+                    resumed_step,
+                    self.dist.is_main,
+                    wandb_run_id=self.state.wandb_run_id,
+                )
+                self.gpu_sampler = self._start_gpu_sampler()
                 bar = self._progress_bar()
                 try:
                     status = self._run_epochs(logger, bar)
                 finally:
                     bar.close()
+                    if self.gpu_sampler is not None:
+                        self.gpu_sampler.stop()
                     logger.close()
                     self.checkpoints.wait()  # pending writes are durable before we return
-            if status != "interrupted" and self.dist.is_main:
+            if status not in {"interrupted", "budget_reached"} and self.dist.is_main:
                 atomic_torch_save(self.model.state_dict(), self.run_dir / "final_model.pt")
                 write_json(self.run_dir / "training_log.json", self.state.history)
             barrier(self.dist)  # other ranks read best_model.pt only once rank 0 has written it
@@ -351,6 +402,7 @@ class InterruptibleTrainer:
             best_value=self.state.best_value,
             run_dir=self.run_dir,
             signal_name=self.stop_request.signal_name,
+            cost_usd=round(self.state.cost_usd, 4) if self.hourly_rate_usd is not None else None,
         )
 
     def _work_left(self) -> bool:
@@ -363,10 +415,15 @@ class InterruptibleTrainer:
 
     def _run_epochs(self, logger: MetricLogger, bar: tqdm) -> str:
         state = self.state
+        # A resumed run whose budget is already spent stops before its first step (a fresh
+        # run always takes one, so it has a checkpoint to resume from).
+        if state.global_step > 0 and self._work_left() and self._budget_spent():
+            self._print_budget_reached()
+            return "budget_reached"
         while self._work_left():
             outcome = self._train_epoch(logger, bar)
-            if outcome == "interrupted":
-                return "interrupted"
+            if outcome in {"interrupted", "budget_reached"}:
+                return outcome
             # At max_steps mid-epoch: evaluate, but keep the position (a longer re-run goes on).
             improved, early_stop = self._evaluate_and_record(logger, epoch_done=outcome == "done")
             if early_stop:
@@ -381,18 +438,24 @@ class InterruptibleTrainer:
                 waited = state.epochs_without_improvement
                 self._print(f"early stopping: no {self.monitor} improvement for {waited} epochs")
                 return "early_stopped"
-            if self._work_left() and self._stop_requested():
+            stop = self._stop_requested() if self._work_left() else STOP_NONE
+            if stop != STOP_NONE:
                 self.checkpoints.wait()
+                if stop == STOP_BUDGET:
+                    self._print_budget_reached()
+                    return "budget_reached"
                 return "interrupted"
         if state.status != "early_stopped":
             state.status = "completed"
         return state.status
 
     def _train_epoch(self, logger: MetricLogger, bar: tqdm) -> str:
-        cfg, state, accum = self.cfg, self.state, self._accum
-        self.sampler.set_epoch(state.epoch, start_index=state.batch_in_epoch * cfg.data.batch_size)
+        state, accum = self.state, self._accum
+        self.sampler.set_epoch(state.epoch, start_index=state.batch_in_epoch * self.batch_size)
         loader = self._loader(self.train_set, self.sampler)
         self.train_model.train()
+        if self.gpu_sampler is not None:
+            self.gpu_sampler.set_training(True)
         non_blocking = self.device.type == "cuda"
         for batch in loader:
             group_start = (state.batch_in_epoch // accum) * accum
@@ -423,7 +486,10 @@ class InterruptibleTrainer:
             periodic = state.global_step % self._checkpoint_every == 0 and not at_epoch_end
             if stop or periodic:
                 # On stop: no staging copy, and durable before we say so.
-                self._save_checkpoint(blocking=stop)
+                self._save_checkpoint(blocking=stop != STOP_NONE)
+            if stop == STOP_BUDGET:
+                self._print_budget_reached()
+                return "budget_reached"
             if stop:
                 self._print(f"saved checkpoint at step {state.global_step}; re-run to resume")
                 return "interrupted"
@@ -447,6 +513,8 @@ class InterruptibleTrainer:
         """
         cfg, state = self.cfg, self.state
         self._tick()
+        if self.gpu_sampler is not None:
+            self.gpu_sampler.set_training(False)  # evaluation is not the training loop
         val = self.evaluate(self.val_set)
         value = self._monitored_value(val)
         loss_sum, samples = sum_over_ranks(
@@ -477,6 +545,8 @@ class InterruptibleTrainer:
             "lr": self.scheduler.get_last_lr()[0],
             "elapsed_s": round(state.train_seconds, 3),
         }
+        if self.hourly_rate_usd is not None:
+            record["cost_usd"] = round(state.cost_usd, 4)
         if not epoch_done:
             record["partial_epoch"] = True
         state.history.append(record)
@@ -575,7 +645,15 @@ class InterruptibleTrainer:
             "global_step": self.state.global_step,
             "epochs": self.state.epoch,
             "train_seconds": round(self.state.train_seconds, 3),
+            "batch_size": self.batch_size,
         }
+        if self.hourly_rate_usd is not None:
+            self._tick()  # the evaluation above was billed too
+            results.update(
+                billed_seconds=round(self.state.billed_seconds, 3),
+                hourly_rate_usd=self.hourly_rate_usd,
+                cost_usd=round(self.state.cost_usd, 4),
+            )
         if self.dist.is_main:
             write_json(self.run_dir / "test_results.json", results)
             if self.mirror is not None:
@@ -585,10 +663,35 @@ class InterruptibleTrainer:
     # ----- checkpoints ------------------------------------------------------------------
 
     def _tick(self) -> None:
-        """Add the wall time since the last tick to ``train_seconds`` (kept across resumes)."""
+        """Add the wall time since the last tick to the training time and to the bill (both
+        kept across resumes)."""
         now = time.perf_counter()
         self.state.train_seconds += now - self._last_tick
         self._last_tick = now
+        billed = now - self._last_bill_tick
+        self._last_bill_tick = now
+        self.state.billed_seconds += billed
+        if self.hourly_rate_usd is not None:
+            self.state.cost_usd += self.hourly_rate_usd * billed / 3600
+
+    def _cost_now(self) -> float:
+        """The run's cost up to this moment, without ticking."""
+        if self.hourly_rate_usd is None:
+            return 0.0
+        unbilled = time.perf_counter() - self._last_bill_tick
+        return self.state.cost_usd + self.hourly_rate_usd * unbilled / 3600
+
+    def _budget_spent(self) -> bool:
+        return self._budget_usd is not None and self._cost_now() >= self._budget_usd
+
+    def _print_budget_reached(self) -> None:
+        self._tick()
+        self._print(
+            f"budget reached: this run has cost ${self.state.cost_usd:.2f} of "
+            f"cost.budget_usd=${self._budget_usd:.2f} ({_fmt_seconds(self.state.billed_seconds)} "
+            f"at ${self.hourly_rate_usd:.2f}/h); checkpoint saved at step "
+            f"{self.state.global_step}; raise cost.budget_usd and re-run to resume"
+        )
 
     def _checkpoint_state(self) -> dict[str, Any]:
         self._tick()
@@ -614,6 +717,7 @@ class InterruptibleTrainer:
             metadata={
                 "epoch": self.state.epoch,
                 "batch_in_epoch": self.state.batch_in_epoch,
+                "batch_size": self.batch_size,  # the size data.batch_size=auto found
                 "resume_settings": self._resume_settings,  # checked before a re-run resumes
             },
             best_model_path=self.run_dir / "best_model.pt" if is_best else None,
@@ -699,7 +803,7 @@ class InterruptibleTrainer:
         return make_loader(
             dataset,
             sampler,
-            batch_size=self.cfg.data.batch_size,
+            batch_size=self.batch_size,
             seed=self.cfg.seed,
             rank=self.dist.rank,
             num_workers=self.cfg.data.num_workers if num_workers is None else num_workers,
@@ -723,8 +827,61 @@ class InterruptibleTrainer:
             return "fp16"
         return requested
 
-    def _stop_requested(self) -> bool:
-        return any_rank(self.stop_request.requested, self.dist, self.device)
+    def _stop_requested(self) -> int:
+        """STOP_NONE, STOP_SIGNAL or STOP_BUDGET, the same on every rank."""
+        code = STOP_NONE
+        if self.stop_request.requested:
+            code = STOP_SIGNAL
+        if self._budget_usd is not None and self._budget_spent():
+            code = STOP_BUDGET
+        return max_over_ranks(code, self.dist, self.device)
+
+    def _start_gpu_sampler(self) -> GpuSampler | None:
+        """Sample the GPU this rank trains on (rank 0 only: it alone logs)."""
+        index = cuda_index(str(self.device))
+        if index is None or not self.dist.is_main or not self.cfg.logging.gpu_stats:
+            return None
+        sampler = GpuSampler(
+            index,
+            low_util_percent=self.cfg.logging.low_gpu_util_percent,
+            low_util_s=self.cfg.logging.low_gpu_util_minutes * 60,
+        )
+        if not sampler.start():
+            self._print(f"GPU stats off: {sampler.unavailable_reason}")
+            return None
+        return sampler
+
+    def _resolve_batch_size(self, remote_newest: Mapping[str, Any] | None) -> int:
+        """``data.batch_size``, or for ``auto`` the size this run recorded, else a search now."""
+        requested = self.cfg.data.batch_size
+        if requested != AUTO_BATCH_SIZE:
+            return int(requested)
+        local = read_checkpoint_infos(self.run_dir / "checkpoints")
+        for saved in (local[0].metadata if local else None, remote_newest):
+            if saved and saved.get("batch_size"):
+                self._print(f"data.batch_size=auto: {saved['batch_size']}, as this run recorded")
+                return int(saved["batch_size"])
+        rng_state = capture_rng_state()  # the search runs dropout: leave the RNGs as they were
+        try:
+            search = find_max_batch_size(
+                self.model,
+                self.train_set,
+                self._search_step,
+                self.device,
+                collate_fn=self.collate_fn,
+                limit=math.ceil(len(self.train_set) / self.dist.world_size),  # type: ignore[arg-type]
+                move=move_to_device,
+            )
+        except BatchSizeError as error:
+            raise ConfigError(str(error)) from None
+        finally:
+            restore_rng_state(rng_state)
+        self._print(f"data.batch_size=auto: {search.describe()}")
+        return -max_over_ranks(-search.chosen, self.dist, self.device)  # the smallest GPU's
+
+    def _search_step(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        with self._autocast():
+            return _as_metrics(self.step_fn(model, batch))["loss"]
 
     def _progress_bar(self) -> tqdm:
         interactive = sys.stderr.isatty()
@@ -744,11 +901,21 @@ class InterruptibleTrainer:
     ) -> None:
         values = {name: float(value.detach()) for name, value in metrics.items()}  # one sync
         lr = self.scheduler.get_last_lr()[0]
-        logger.log(
-            {**{f"train/{name}": value for name, value in values.items()}, "train/lr": lr},
-            self.state.global_step,
-        )
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+        scalars = {**{f"train/{name}": value for name, value in values.items()}, "train/lr": lr}
+        postfix = {"loss": f"{values['loss']:.4f}", "lr": f"{lr:.2e}"}
+        if self.gpu_sampler is not None:
+            scalars.update(self.gpu_sampler.metrics())
+            if "gpu/utilization_percent" in scalars:
+                postfix["gpu"] = f"{scalars['gpu/utilization_percent']:.0f}%"
+            warning = self.gpu_sampler.take_warning()
+            if warning:
+                self._print(f"warning: {warning}")
+        if self.hourly_rate_usd is not None:
+            cost = self._cost_now()
+            scalars["cost/usd"] = cost
+            postfix["cost"] = f"${cost:.2f}"
+        logger.log(scalars, self.state.global_step)
+        bar.set_postfix(postfix, refresh=False)
 
     def _print_epoch_summary(self, record: dict[str, Any], val: Mapping[str, float]) -> None:
         steps_done = max(1, self.state.global_step)
@@ -763,8 +930,11 @@ class InterruptibleTrainer:
             f"elapsed {_fmt_seconds(self.state.train_seconds)}",
             f"ETA {_fmt_seconds(eta)}",
         ]
-        if self.hourly_rate_usd:
-            parts.append(f"cost ${self.hourly_rate_usd * self.state.train_seconds / 3600:.2f}")
+        if self.gpu_sampler is not None and self.gpu_sampler.summary():
+            parts.append(self.gpu_sampler.summary())
+        if self.hourly_rate_usd is not None:
+            budget = f" of ${self._budget_usd:.2f}" if self._budget_usd is not None else ""
+            parts.append(f"cost ${self.state.cost_usd:.2f}{budget}")
         self._print(" | ".join(parts))
 
     def _print(self, message: str) -> None:
@@ -773,20 +943,44 @@ class InterruptibleTrainer:
             sys.stdout.flush()
 
 
-def make_mirror(cfg: DictConfig, run_dir: Path, world_size: int, is_main: bool) -> Any:
+def make_mirror(
+    cfg: DictConfig, run_dir: Path, world_size: int, is_main: bool
+) -> tuple[Any, dict[str, Any] | None]:
     """The run's S3 mirror (rank 0, ``checkpoint.s3_bucket`` set), probed and checked: the
-    bucket's newest checkpoint must have been made with the same resume settings too."""
+    bucket's newest checkpoint must have been made with the same resume settings too.
+
+    Also returns that checkpoint's metadata when it is newer than the local one (a fresh
+    machine learns the run's recorded batch size from it), else None.
+    """
     if not cfg.checkpoint.s3_bucket or not is_main:
-        return None
+        return None, None
     from src.storage.checkpoint_mirror import mirror_for_run
 
     mirror = mirror_for_run(cfg.checkpoint, cfg.run_name, run_dir)
     records = mirror.remote_records()
     local = read_checkpoint_infos(run_dir / "checkpoints")
     if records and (not local or int(records[0]["step"]) > local[0].step):
-        saved = records[0].get("metadata", {}).get("resume_settings")
-        check_resume_settings(cfg, world_size, saved=saved, where=mirror.url())
-    return mirror
+        metadata = records[0].get("metadata", {})
+        check_resume_settings(
+            cfg, world_size, saved=metadata.get("resume_settings"), where=mirror.url()
+        )
+        return mirror, metadata
+    return mirror, None
+
+
+_process_start_billed = False
+
+
+def _bill_origin() -> float:
+    """``perf_counter`` time the bill starts from: process start for the first trainer of a
+    script (interpreter start-up and imports are billed too); trainer creation otherwise (a
+    notebook kernel may have sat idle for hours, a second trainer must not bill it twice)."""
+    global _process_start_billed
+    now = time.perf_counter()
+    if _process_start_billed or in_notebook():
+        return now
+    _process_start_billed = True
+    return now - process_age_s()
 
 
 def should_load_scaler(saved_state: Mapping[str, Any], scaler_enabled: bool) -> bool:

@@ -47,13 +47,13 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is True on any rank."""
+def max_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:
+    """The largest ``value`` of any rank, on every rank."""
     if not info.is_distributed:
-        return flag
-    tensor = torch.tensor([1 if flag else 0], device=device)
+        return value
+    tensor = torch.tensor([value], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return int(tensor.item())
 
 
 def gather_objects(value: object, info: DistInfo) -> list[object]:

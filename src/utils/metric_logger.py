@@ -1,23 +1,36 @@
 """Scalars to TensorBoard and (optionally) W&B, from rank 0 only.
 
 On resume the TensorBoard writer purges events past the resumed step, so curves
-have no overlapping tail; W&B resumes the same run id (offline by default).
+have no overlapping tail. W&B (offline by default) continues the same run: its id lives in
+the checkpoint, so a resume on another machine or from a moved run directory finds it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from src.config import scrub_secret_values, secret_values, to_plain_dict
+from src.config import scrub_secret_values, secret_values, to_plain_dict, wandb_enabled
+
+
+def new_wandb_run_id() -> str:
+    """A fresh W&B run id. From os.urandom: Python's ``random`` is part of a resumable run."""
+    return uuid.uuid4().hex[:16]
 
 
 class MetricLogger:
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume_step: int, enabled: bool) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        resume_step: int,
+        enabled: bool,
+        wandb_run_id: str | None = None,
+    ) -> None:
         self._tb = None
         self._wandb_run = None
         if not enabled:
@@ -30,8 +43,8 @@ class MetricLogger:
                 # Drop events logged after the checkpoint by the interrupted process.
                 purge_step=resume_step + 1 if resume_step > 0 else None,
             )
-        if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
-            self._wandb_run = _init_wandb(cfg, run_dir)
+        if wandb_enabled(cfg):
+            self._wandb_run = _init_wandb(cfg, run_dir, wandb_run_id or new_wandb_run_id())
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self._tb is not None:
@@ -54,11 +67,9 @@ class MetricLogger:
             self._wandb_run = None
 
 
-def _init_wandb(cfg: DictConfig, run_dir: Path) -> Any:
+def _init_wandb(cfg: DictConfig, run_dir: Path, run_id: str) -> Any:
     import wandb
 
-    # A stable id per run directory, so a re-run resumes the same W&B run.
-    run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
     os.environ.setdefault("WANDB_SILENT", "true")
     # A project name interpolated from the environment could carry a secret into W&B's files.
     project = scrub_secret_values(cfg.logging.wandb_project, secret_values())

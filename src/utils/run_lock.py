@@ -117,3 +117,25 @@ def _describe_holder(fd: int) -> tuple[str, str]:
         return f"PID {info['pid']} on {info['host']} (since {info['started_at']})", str(info["pid"])
     except (ValueError, KeyError, TypeError, OSError):
         return "another process (it is still starting)", "<pid>"
+
+
+def held_run_locks(outputs_root: Path) -> list[Path]:
+    """Run directories under ``outputs_root`` whose lock a live process holds right now.
+
+    Probes each ``<root>/<run>/.run.lock`` with a non-blocking shared flock, released at
+    once: it never blocks or disturbs the holder, and never creates a file.
+    """
+    held = []
+    for lock_path in sorted(Path(outputs_root).glob(f"*/{LOCK_NAME}")):
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except OSError:
+            continue  # removed between the listing and here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            held.append(lock_path.parent)
+        finally:
+            os.close(fd)
+    return held

@@ -20,6 +20,9 @@ from typing import NoReturn
 # EX_TEMPFAIL from sysexits.h: "temporary failure, retry later". Distinct from
 # success (0), crashes (1), config errors (2) and death by signal (128+N).
 EXIT_INTERRUPTED = 75
+# cost.budget_usd reached: the run checkpointed and stopped like on SIGTERM. Not 75, so a
+# script or sweep can tell "preempted, re-run" from "out of money, raise the budget first".
+EXIT_BUDGET_REACHED = 76
 # A second Ctrl-C: the shell's code for "ended by SIGINT". Nothing new was saved; the last
 # complete checkpoint stays (writes are atomic), so a re-run resumes from it.
 EXIT_ABORTED = 130
@@ -99,8 +102,9 @@ def ignore_stop_signals(signal_names: Iterable[str], worker_id: int = 0) -> None
         signal.signal(sig, signal.SIG_IGN)
 
 
-def exit_interrupted() -> NoReturn:
-    """Exit with EXIT_INTERRUPTED once the stop checkpoint is durable, quickly.
+def exit_interrupted(result: object = None) -> NoReturn:
+    """Exit once the stop checkpoint is durable, quickly: with ``result.exit_code`` (a
+    FitResult: 75 for a signal, 76 for a spent budget), else EXIT_INTERRUPTED.
 
     ``gc.freeze()`` skips the interpreter's final garbage-collection pass over every
     torch object, which takes about a second for a large model: time that counts
@@ -109,4 +113,4 @@ def exit_interrupted() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     gc.freeze()
-    sys.exit(EXIT_INTERRUPTED)
+    sys.exit(getattr(result, "exit_code", EXIT_INTERRUPTED))

@@ -34,6 +34,7 @@ from src.vast.ssh_config import render_host_block, write_host_block
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 ONSTART_SCRIPT = REPO_ROOT / "setup" / "onstart.sh"
 DEFAULT_IMAGE = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-devel"
+AUTOSTOP_ENV = "GPU_TRAIN_KIT_AUTOSTOP_MINUTES"  # read by setup/onstart.sh
 
 
 class UsageError(ValueError):
@@ -158,8 +159,12 @@ def create_payload(args: argparse.Namespace) -> dict[str, Any]:
         "label": args.label,
         "onstart": ONSTART_SCRIPT.read_text(),
         "runtype": "ssh_direc ssh_proxy",
-        "env": {"GPU_TRAIN_KIT_DIR": args.repo_dir} if args.repo_dir else {},
+        "env": {},
     }
+    if args.repo_dir:
+        payload["env"]["GPU_TRAIN_KIT_DIR"] = args.repo_dir
+    if args.autostop is not None:  # setup/onstart.sh starts scripts/autostop.py with it
+        payload["env"][AUTOSTOP_ENV] = f"{args.autostop:g}"
     if args.bid is not None:
         payload["price"] = args.bid  # without it a bid offer is rented on-demand
     return payload
@@ -196,9 +201,16 @@ def wait_until_running(
 def cmd_create(client: VastClient, args: argparse.Namespace) -> int:
     if args.disk <= 0:
         raise UsageError(f"--disk {args.disk} must be a positive number of GB (e.g. --disk 100)")
+    if args.autostop is not None and args.autostop <= 0:
+        raise UsageError(f"--autostop {args.autostop:g} must be minutes > 0 (e.g. --autostop 20)")
     instance_id = client.create_instance(args.offer_id, create_payload(args))
     kind = f"interruptible at a bid of ${args.bid:.3f}/h" if args.bid is not None else "on-demand"
     print(f"created instance {instance_id} from offer {args.offer_id} ({kind})")
+    if args.autostop is not None:
+        print(
+            f"autostop: the instance stops itself after {args.autostop:g} idle minutes, once "
+            "the repo is on it (setup/onstart.sh; log /workspace/onstart.log)"
+        )
     if not args.wait:
         print("follow it with: python scripts/launch_vast.py status  (or create --wait)")
         return EXIT_OK
@@ -312,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--bid", type=float, help="$/h bid: rents interruptible (else on-demand)")
     create.add_argument("--repo-dir", help="where the repo lives on the instance (onstart)")
     create.add_argument("--wait", action="store_true", help="poll until running with SSH")
+    create.add_argument(
+        "--autostop",
+        type=float,
+        metavar="MINUTES",
+        help="stop the instance after this many idle GPU minutes (scripts/autostop.py)",
+    )
     create.add_argument("--timeout", type=float, default=900.0, help="--wait gives up (s)")
     create.add_argument("--poll-interval", type=float, default=10.0, help=argparse.SUPPRESS)
 

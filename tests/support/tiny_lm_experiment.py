@@ -154,5 +154,5 @@ trainer = InterruptibleTrainer(
 )
 result = trainer.fit()
 if result.interrupted:
-    exit_interrupted()
+    exit_interrupted(result)  # 75 after a stop signal, 76 once cost.budget_usd is spent
 print(f"done at step {result.global_step}: {trainer.test(val_set)}")

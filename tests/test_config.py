@@ -51,6 +51,32 @@ def test_bad_overrides_raise_one_line(overrides: list[str], message: str) -> Non
     assert "\n" not in str(error.value)
 
 
+def test_old_key_logging_wandb_still_works_and_later_layers_win(tmp_path: Path) -> None:
+    config = tmp_path / "old.yaml"
+    config.write_text("logging:\n  wandb: true\n")
+    assert load_config(config).logging.use_wandb is True
+    assert load_config(config, ["logging.use_wandb=false"]).logging.use_wandb is False
+    assert load_config(DEV_CONFIG, ["logging.wandb=true"]).logging.use_wandb is True
+    config.write_text("logging:\n  wandb: true\n  use_wandb: false\n")
+    with pytest.raises(ConfigError, match="sets both 'logging.wandb' and its new name"):
+        load_config(config)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("cost.budget_usd=0", "cost.budget_usd"),
+        ("cost.hourly_rate_usd=-1", "cost.hourly_rate_usd"),
+        ("logging.low_gpu_util_percent=0", "logging.low_gpu_util_percent"),
+        ("logging.low_gpu_util_minutes=0", "logging.low_gpu_util_minutes"),
+        ("data.batch_size=0", "data.batch_size"),
+    ],
+)
+def test_cost_and_monitor_settings_are_checked(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"bad value for '{key}'"):
+        load_config(DEV_CONFIG, [override])
+
+
 def test_bad_file_names_the_key_and_file(tmp_path: Path) -> None:
     config = tmp_path / "mine.yaml"
     config.write_text("trainer:\n  bogus: 1\n")
@@ -116,6 +142,7 @@ def test_redaction() -> None:
         (["optim.lr=-1"], "'optim.lr'"),
         (["data.num_samples=0"], "'data.num_samples'"),
         (["model.dropout=1.5"], "'model.dropout'"),
+        (["cost.budget_usd=5"], "cost.budget_usd=5.0 needs the machine's price"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2_and_write_nothing(

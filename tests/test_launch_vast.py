@@ -7,6 +7,7 @@ import os
 import pty
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,6 +196,37 @@ def test_create_wait_prints_ssh_command(vast_env: FakeVast, capsys) -> None:
     payload = [r for r in vast_env.requests if "/asks/" in r.path][0].body
     assert payload["runtype"] == "ssh_direc ssh_proxy" and payload["disk"] == 100.0
     assert "setup/install_deps.sh" in payload["onstart"] and "price" not in payload
+
+
+def test_create_autostop_goes_into_the_onstart_environment(vast_env: FakeVast, capsys) -> None:
+    code, out, _ = run_cli(capsys, "create", "9002", "--autostop", "20")
+    payload = [r for r in vast_env.requests if "/asks/" in r.path][0].body
+    assert code == 0 and payload["env"] == {"GPU_TRAIN_KIT_AUTOSTOP_MINUTES": "20"}
+    assert "scripts/autostop.py" in payload["onstart"]
+    assert "stops itself after 20 idle minutes" in out
+    vast_env.requests.clear()
+    code, _, err = run_cli(capsys, "create", "9002", "--autostop", "0")
+    assert code == 2 and "--autostop 0 must be minutes > 0" in err and err.count("\n") == 1
+    assert vast_env.count("PUT") == 0
+
+
+def test_onstart_script_starts_autostop_with_the_minutes(tmp_path: Path) -> None:
+    """The real setup/onstart.sh under bash, with a stand-in repo that records what runs."""
+    repo = tmp_path / "repo"
+    (repo / "setup").mkdir(parents=True)
+    (repo / "scripts").mkdir()
+    (repo / "setup" / "install_deps.sh").write_text('echo deps >> "$0.ran"\n')
+    record = tmp_path / "autostop-args"
+    (repo / "scripts" / "autostop.py").write_text(
+        f"import sys; open({str(record)!r}, 'w').write(' '.join(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "GPU_TRAIN_KIT_DIR": str(repo), "GPU_TRAIN_KIT_AUTOSTOP_MINUTES": "15"}
+    subprocess.run(["bash", str(REPO_ROOT / "setup" / "onstart.sh")], env=env, check=True)
+    deadline = time.monotonic() + 10
+    while not record.exists() and time.monotonic() < deadline:  # it runs detached
+        time.sleep(0.05)
+    assert record.read_text() == "--idle-minutes 15"
+    assert (repo / "setup" / "install_deps.sh.ran").read_text() == "deps\n"
 
 
 def test_create_bid_says_interruptible(vast_env: FakeVast, capsys) -> None:

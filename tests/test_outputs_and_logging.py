@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.support.experiment import experiment_env, interrupt_at_step, run_experiment
@@ -26,22 +27,28 @@ def scalar_steps(run_dir: Path, tag: str) -> list[int]:
     return [event.step for event in accumulator.Scalars(tag)]
 
 
-def test_run_outputs_tensorboard_and_resume_without_duplicate_steps(tmp_path: Path) -> None:
+def test_run_outputs_tracking_and_resume_on_a_moved_run_directory(tmp_path: Path) -> None:
+    """SIGTERM, move the run directory (another disk, another machine), resume: TensorBoard
+    steps continue with no duplicate or gap, W&B continues the same run, cost keeps counting."""
     args = [
-        f"paths.output_dir={tmp_path}",
         "run_name=tb",
         "data.num_samples=8192",
         "model.hidden_dim=256",
         "trainer.early_stopping_patience=0",
         "trainer.log_every_n_steps=1",
         "checkpoint.every_n_steps=5",
+        "logging.use_wandb=true",
+        "cost.hourly_rate_usd=1.0",
     ]
-    run_dir = tmp_path / "tb"
-    interrupt_at_step(args, run_dir, 150)
-    result = run_experiment(args)
+    first_root, moved_root = tmp_path / "first", tmp_path / "moved"
+    interrupt_at_step([f"paths.output_dir={first_root}", *args], first_root / "tb", 150)
+    moved_root.mkdir()
+    (first_root / "tb").rename(moved_root / "tb")
+    run_dir = moved_root / "tb"
+    result = run_experiment([f"paths.output_dir={moved_root}", *args])
     assert result.returncode == 0, result.stderr
     assert PROGRESS_BAR.search(result.stderr), result.stderr[-500:]
-    assert "ETA" in result.stdout  # the per-epoch summary line
+    assert "ETA" in result.stdout and "cost $" in result.stdout  # the per-epoch summary line
 
     for name in ("best_model.pt", "final_model.pt", "config.json", "training_log.json"):
         assert (run_dir / name).is_file(), name
@@ -52,16 +59,28 @@ def test_run_outputs_tensorboard_and_resume_without_duplicate_steps(tmp_path: Pa
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run_name"] == "tb" and config["trainer"]["log_every_n_steps"] == 1
 
-    steps = scalar_steps(run_dir, "train/loss")
-    assert steps == list(range(1, 310)), "each step logged exactly once across the resume"
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    for tag in accumulator.Tags()["scalars"]:
+        steps = [event.step for event in accumulator.Scalars(tag)]
+        assert steps == sorted(set(steps)), f"{tag}: steps repeat or go back across the resume"
+    assert scalar_steps(run_dir, "train/loss") == list(range(1, 310)), "a step lost or doubled"
     assert len(scalar_steps(run_dir, "val/loss")) == 3
+    costs = [event.value for event in accumulator.Scalars("cost/usd")]
+    assert costs == sorted(costs) and costs[-1] <= results["cost_usd"]
+
+    saved = torch.load(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
+    run_id = saved["trainer"]["wandb_run_id"]
+    wandb_runs = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(wandb_runs) == 2, wandb_runs  # the first process and the resumed one
+    assert {path.name.rsplit("-", 1)[1] for path in wandb_runs} == {run_id}
 
 
 def test_wandb_offline_and_no_secret_anywhere(tmp_path: Path) -> None:
     args = [
         f"paths.output_dir={tmp_path}",
         "run_name=secret",
-        "logging.wandb=true",
+        "logging.wandb=true",  # the old name of logging.use_wandb still works
         # A config value that copies a secret in: it must be redacted wherever it lands.
         "logging.wandb_project=proj-${oc.env:AWS_SECRET_ACCESS_KEY}",
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,49 @@ def test_epoch_line_shows_cost_when_the_hourly_rate_is_known(
     epoch_lines = [line for line in out.splitlines() if line.startswith("[trainer] epoch ")]
     assert len(epoch_lines) == trainer.state.epoch
     assert all(" | cost $" in line for line in epoch_lines)
+
+
+def test_gpu_stats_reach_tensorboard_and_the_epoch_line_and_warn_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The trainer's GPU path on CPU: the stand-in NVML module plays GPU 0 at 5% utilization,
+    and the trainer is told its device is that GPU (the only part a CPU cannot provide)."""
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import src.trainers.interruptible_trainer as trainer_module
+    from tests.support.nvml_state import FAKE_NVML_DIR, gpu, write_state
+
+    state = tmp_path / "nvml.json"
+    write_state(state, [gpu(util=5, used=12.5e9)])
+    monkeypatch.setenv("FAKE_NVML_STATE", str(state))
+    monkeypatch.syspath_prepend(str(FAKE_NVML_DIR))
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    monkeypatch.setattr(trainer_module, "cuda_index", lambda device: 0)
+    trainer, _ = make_trainer(
+        tmp_path,
+        "run_name=gpu-stats",
+        "logging.tensorboard=true",
+        "logging.low_gpu_util_minutes=0.0001",  # 6 ms: the second reading in training warns
+        "trainer.log_every_n_steps=1",
+    )
+    original_step = trainer.step_fn
+
+    def slow_step(model, batch):  # ~2.5 s of training: the 1 Hz sampler reads a few times
+        time.sleep(0.03)
+        return original_step(model, batch)
+
+    trainer.step_fn = slow_step
+    trainer.fit()
+    out = capsys.readouterr().out
+    assert out.count("warning: GPU 0 utilization has stayed under 30%") == 1, out
+    assert "data.num_workers" in out and "trainer.compile=true" in out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("[trainer] epoch ")]
+    assert epoch_lines and all("| gpu 5% 12.5/85.0 GB" in line for line in epoch_lines)
+    events = EventAccumulator(str(tmp_path / "gpu-stats" / "tensorboard"))
+    events.Reload()
+    util = [event.value for event in events.Scalars("gpu/utilization_percent")]
+    assert util and set(util) == {5.0}
+    assert {event.value for event in events.Scalars("gpu/memory_used_gb")} == {12.5}
+    assert trainer.gpu_sampler is not None and trainer.gpu_sampler._thread is None  # stopped

@@ -373,9 +373,9 @@ class GpuSampler:
         self._util_sum = 0.0
         self._util_count = 0
         self._latest: GpuStats | None = None
-        self._memory_peak_gb = 0.0
+        self._last_reading: float | None = None
         self._training = False
-        self._low_since: float | None = None
+        self._low_s = 0.0  # training time under the threshold since the last busy reading
         self._low_sum = 0.0
         self._low_count = 0
         self._warned = False
@@ -399,11 +399,9 @@ class GpuSampler:
             self._thread = None
 
     def set_training(self, training: bool) -> None:
-        """Only time spent training counts towards the low-utilisation warning."""
+        """Only time spent training counts towards the low-utilisation warning; evaluation
+        and checkpointing pause the count without resetting it."""
         self._training = training
-        if not training:
-            with self._lock:
-                self._low_since = None
 
     def metrics(self) -> dict[str, float]:
         """Mean utilisation since the last call and the latest memory, as ``gpu/*`` scalars."""
@@ -439,27 +437,28 @@ class GpuSampler:
         """Fold one reading in (the thread calls this; tests may too)."""
         now = self._clock()
         with self._lock:
+            elapsed = 0.0 if self._last_reading is None else now - self._last_reading
+            self._last_reading = now
             self._latest = stats
-            self._memory_peak_gb = max(self._memory_peak_gb, stats.memory_used_gb)
             util = stats.utilization_percent
             if util is None:
                 return
             self._util_sum += util
             self._util_count += 1
-            if not self._training or util >= self.low_util_percent:
-                self._low_since, self._low_sum, self._low_count = None, 0.0, 0
+            if not self._training:
                 return
-            if self._low_since is None:
-                self._low_since, self._low_sum, self._low_count = now, 0.0, 0
+            if util >= self.low_util_percent:
+                self._low_s, self._low_sum, self._low_count = 0.0, 0.0, 0
+                return
+            self._low_s += elapsed
             self._low_sum += util
             self._low_count += 1
-            if not self._warned and now - self._low_since >= self.low_util_s:
+            if not self._warned and self._low_s >= self.low_util_s:
                 self._warned = True
-                mean = self._low_sum / self._low_count
-                minutes = (now - self._low_since) / 60
                 self._warning = (
                     f"GPU {self.index} utilization has stayed under {self.low_util_percent:g}% "
-                    f"for {minutes:.1f} min while training (mean {mean:.0f}%): {LOW_UTIL_HINTS}"
+                    f"for {self._low_s / 60:.1f} min of training (mean "
+                    f"{self._low_sum / self._low_count:.0f}%): {LOW_UTIL_HINTS}"
                 )
 
     def _run(self, ready: threading.Event) -> None:

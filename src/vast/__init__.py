@@ -1,5 +1,7 @@
-"""Vast.ai: a small REST client, the instance view, ~/.ssh/config entries and the hourly rate.
+"""Vast.ai: a small REST client, the instance view, ~/.ssh/config entries, the hourly rate
+and the idle auto-stop.
 
 Kept apart from ``scripts/launch_vast.py`` so it can be tested against a local HTTP server
-and reused by the trainer (``src.vast.pricing.detect_hourly_rate``).
+and reused: the trainer learns its $/h through ``src.utils.gpu_monitor.hourly_rate``, which
+asks ``src.vast.pricing`` on a Vast.ai instance.
 """

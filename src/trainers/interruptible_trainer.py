@@ -366,6 +366,7 @@ class InterruptibleTrainer:
                     self.checkpoints.start_mirror()
                 barrier(self.dist)  # every rank then loads what rank 0 downloaded
                 resumed_step = self._resume()
+                self._print(self._describe_batch())
                 self._last_tick = time.perf_counter()
                 if self.state.wandb_run_id is None:  # kept in the checkpoint from now on
                     self.state.wandb_run_id = new_wandb_run_id()
@@ -646,6 +647,7 @@ class InterruptibleTrainer:
             "epochs": self.state.epoch,
             "train_seconds": round(self.state.train_seconds, 3),
             "batch_size": self.batch_size,
+            "effective_batch_size": self.effective_batch_size,
         }
         if self.hourly_rate_usd is not None:
             self._tick()  # the evaluation above was billed too
@@ -718,6 +720,7 @@ class InterruptibleTrainer:
                 "epoch": self.state.epoch,
                 "batch_in_epoch": self.state.batch_in_epoch,
                 "batch_size": self.batch_size,  # the size data.batch_size=auto found
+                "effective_batch_size": self.effective_batch_size,
                 "resume_settings": self._resume_settings,  # checked before a re-run resumes
             },
             best_model_path=self.run_dir / "best_model.pt" if is_best else None,
@@ -878,6 +881,17 @@ class InterruptibleTrainer:
             restore_rng_state(rng_state)
         self._print(f"data.batch_size=auto: {search.describe()}")
         return -max_over_ranks(-search.chosen, self.dist, self.device)  # the smallest GPU's
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Samples per optimizer step: per device x ranks x accumulation steps."""
+        return self.batch_size * self.dist.world_size * self._accum
+
+    def _describe_batch(self) -> str:
+        return (
+            f"effective batch {self.effective_batch_size} = {self.batch_size} per device x "
+            f"{self.dist.world_size} rank(s) x {self._accum} accumulation step(s)"
+        )
 
     def _search_step(self, model: nn.Module, batch: Any) -> torch.Tensor:
         with self._autocast():

@@ -58,7 +58,7 @@ def test_sigterm_under_torchrun_stops_all_ranks_at_one_step_then_resumes(tmp_pat
     )
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.count(f"at step {step} ") == 1  # one resume line, from rank 0
-    assert "effective batch 128 = 64 per device x 2 rank(s) x 1 accumulation" in resumed.stdout
+    assert "effective batch 128 = 64 per device x 2 rank(s) x 1 micro-batch" in resumed.stdout
     test_lines = re.findall(r"test_loss \S+ \| test_acc \S+", resumed.stdout)
     assert len(test_lines) == 2 and test_lines[0] == test_lines[1]  # ranks agree
     assert (run_dir / "final_model.pt").is_file()

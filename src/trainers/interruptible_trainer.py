@@ -890,7 +890,7 @@ class InterruptibleTrainer:
     def _describe_batch(self) -> str:
         return (
             f"effective batch {self.effective_batch_size} = {self.batch_size} per device x "
-            f"{self.dist.world_size} rank(s) x {self._accum} accumulation step(s)"
+            f"{self.dist.world_size} rank(s) x {self._accum} micro-batch(es) per optimizer step"
         )
 
     def _search_step(self, model: nn.Module, batch: Any) -> torch.Tensor:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# System packages the tests use for real: OpenSSH server/client and rsync
-# (tests start their own sshd on 127.0.0.1). Installs with apt when missing.
+# System packages the tests use for real: OpenSSH server/client, rsync and tmux
+# (tests start their own sshd on 127.0.0.1; remote_train runs training in tmux).
+# Installs with apt when missing.
 set -euo pipefail
 missing=()
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
 command -v rsync >/dev/null 2>&1 || missing+=(rsync)
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "[install_test_deps] installing ${missing[*]} with apt"
     SUDO=""

@@ -67,7 +67,8 @@ def test_run_outputs_tracking_and_resume_on_a_moved_run_directory(tmp_path: Path
     assert scalar_steps(run_dir, "train/loss") == list(range(1, 310)), "a step lost or doubled"
     assert len(scalar_steps(run_dir, "val/loss")) == 3
     costs = [event.value for event in accumulator.Scalars("cost/usd")]
-    assert costs == sorted(costs) and costs[-1] <= results["cost_usd"]
+    # test_results.json rounds to 4 decimals: allow half a unit of that rounding.
+    assert costs == sorted(costs) and costs[-1] <= results["cost_usd"] + 0.00005
 
     saved = torch.load(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
     run_id = saved["trainer"]["wandb_run_id"]

@@ -12,6 +12,15 @@ files it points to, never skipped as "not a regular file".
 
 Manifests live outside the synced tree, one per (host, port, remote dir), under
 ``SYNC_MANIFEST_DIR`` (default ``$XDG_STATE_HOME/gpu-train-kit/manifests``).
+
+Hashing every byte on both sides on every sync makes a re-sync of a 100 GB run directory
+cost minutes. Beside each manifest, a hash cache (``<manifest>.hashes``) remembers each
+file's sha256 together with the file's stat key on that side (size, mtime, ctime, inode,
+device). A hash is reused only while that key is unchanged; anything rsync moved, training
+rewrote or someone edited gets a new inode, mtime or ctime and is hashed again. ctime cannot
+be set back by ``touch``, so an in-place edit with its mtime forced back is still re-hashed.
+``verify_all`` (``sync_outputs.sh --verify-all``) ignores the cache and hashes everything,
+for what no stat can see (a disk that rots bits in place).
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ import os
 import posixpath
 import re
 import shlex
+import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,11 +78,63 @@ class Manifest:
         return data
 
 
-def build_local_entries(root: Path, relative_paths: Iterable[str] | None = None) -> list[FileEntry]:
+@dataclass(frozen=True)
+class CachedHash:
+    """A sha256 and the stat key of the file when it was hashed (opaque, compared as is)."""
+
+    stat_key: str
+    sha256: str
+
+
+HashTable = dict[str, CachedHash]  # relative path -> cached hash, one per side
+
+
+def local_stat_key(stat: os.stat_result) -> str:
+    """Size, mtime, ctime, inode, device: any write, rename or utime changes one of them."""
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}:{stat.st_dev}"
+
+
+def hash_local_files(
+    root: Path, relative_paths: Iterable[str], cache: HashTable | None = None
+) -> tuple[list[FileEntry], HashTable, int]:
+    """(entries, refreshed cache, files hashed): a cached sha256 is reused while the file's
+    stat key is unchanged; every other file is read. A file that is missing or not a regular
+    file gets size -1 and an empty hash, so comparing reports it instead of raising."""
+    root = Path(root)
+    cache = cache or {}
+    entries, fresh, hashed = [], {}, 0
+    for relative in relative_paths:
+        path = root / relative
+        try:
+            before = path.stat() if not path.is_symlink() else None
+        except OSError:
+            before = None
+        if before is None or not path.is_file():
+            entries.append(FileEntry(relative, -1, ""))
+            continue
+        key = local_stat_key(before)
+        cached = cache.get(relative)
+        if cached is not None and cached.stat_key == key:
+            digest = cached.sha256
+        else:
+            digest = sha256_file(path)
+            hashed += 1
+            if local_stat_key(path.stat()) != key:
+                # Written to while it was read: report this hash, but never reuse it.
+                entries.append(FileEntry(relative, before.st_size, digest))
+                continue
+        fresh[relative] = CachedHash(key, digest)
+        entries.append(FileEntry(relative, before.st_size, digest))
+    return entries, fresh, hashed
+
+
+def build_local_entries(
+    root: Path, relative_paths: Iterable[str] | None = None, cache: HashTable | None = None
+) -> list[FileEntry]:
     """Entries for ``relative_paths`` under ``root`` (all regular files when None).
 
     A listed file that is missing or not a regular file gets size -1 and an empty hash, so
-    comparing reports it instead of raising halfway through.
+    comparing reports it instead of raising halfway through. ``cache``: see hash_local_files.
     """
     root = Path(root)
     if relative_paths is None:
@@ -81,14 +143,7 @@ def build_local_entries(root: Path, relative_paths: Iterable[str] | None = None)
             for p in root.rglob("*")
             if p.is_file() and not p.is_symlink()
         )
-    entries = []
-    for relative in relative_paths:
-        path = root / relative
-        if path.is_file() and not path.is_symlink():
-            entries.append(FileEntry(relative, path.stat().st_size, sha256_file(path)))
-        else:
-            entries.append(FileEntry(relative, -1, ""))
-    return entries
+    return hash_local_files(root, relative_paths, cache)[0]
 
 
 def _cd_or_exit_3(remote_dir: str) -> str:
@@ -106,6 +161,20 @@ def remote_listing_command(remote_dir: str) -> str:
         _cd_or_exit_3(remote_dir) + "find -L . -type f -printf 'S %s %P\\0' && "
         "find -L . -type f -exec sha256sum -z -- {} +"
     )
+
+
+def remote_stat_command(remote_dir: str) -> str:
+    """Shell command printing size and stat key of every file (``find -L``), no hashing.
+
+    Record: ``S <size> <mtime> <ctime> <inode> <device> <path>``, NUL-terminated. Exit 3: no
+    such directory.
+    """
+    return _cd_or_exit_3(remote_dir) + "find -L . -type f -printf 'S %s %T@ %C@ %i %D %P\\0'"
+
+
+def remote_hash_command(remote_dir: str) -> str:
+    """Shell command hashing the NUL-separated ``./path`` list it reads on stdin."""
+    return _cd_or_exit_3(remote_dir) + "xargs -0 -r sha256sum -z --"
 
 
 def remote_link_check_command(remote_dir: str) -> str:
@@ -151,6 +220,109 @@ def parse_remote_listing(output: bytes) -> list[FileEntry]:
         changed = sorted(sizes.keys() ^ hashes.keys())[0]
         raise ValueError(f"remote file {changed} appeared or vanished while it was being listed")
     return [FileEntry(path, sizes[path], hashes[path]) for path in sorted(sizes)]
+
+
+def parse_stat_listing(output: bytes) -> dict[str, tuple[int, str]]:
+    """{path: (size, stat key)} from ``remote_stat_command``; ValueError on a bad record."""
+    listed: dict[str, tuple[int, str]] = {}
+    for record in output.split(b"\0"):
+        if not record:
+            continue
+        text = record.decode("utf-8", errors="surrogateescape")
+        parts = text.split(" ", 6)
+        if len(parts) != 7 or parts[0] != "S" or not parts[1].isdigit():
+            raise ValueError(f"unexpected line in the remote listing: {text[:80]!r}")
+        listed[parts[6]] = (int(parts[1]), ":".join(parts[1:6]))
+    return listed
+
+
+def parse_hash_listing(output: bytes) -> dict[str, str]:
+    """{path: sha256} from ``sha256sum -z`` output of ``./path`` names."""
+    hashes: dict[str, str] = {}
+    for record in output.split(b"\0"):
+        if not record:
+            continue
+        text = record.decode("utf-8", errors="surrogateescape")
+        match = _HASH_LINE.match(text)
+        if not match:
+            raise ValueError(f"unexpected line in the remote listing: {text[:80]!r}")
+        hashes[match.group(2)] = match.group(1)
+    return hashes
+
+
+class RemoteListingError(RuntimeError):
+    """The remote could not be listed; ``str()`` is one line, ``ssh_dropped`` says whether
+    the connection itself failed (exit 255) rather than the command."""
+
+    def __init__(self, message: str, ssh_dropped: bool = False) -> None:
+        super().__init__(message)
+        self.ssh_dropped = ssh_dropped
+
+
+# Runs one shell command on the remote with optional stdin bytes (ssh, or a ControlMaster).
+RemoteRunner = Callable[[str, bytes | None], subprocess.CompletedProcess]
+
+
+def _last_stderr_line(result: subprocess.CompletedProcess) -> str:
+    text = result.stderr.decode(errors="replace") if result.stderr else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {result.returncode}"
+
+
+def list_remote_entries(
+    run: RemoteRunner, remote_dir: str, cache: HashTable | None = None
+) -> tuple[list[FileEntry], HashTable, int]:
+    """(entries, refreshed remote cache, files hashed) for every file under ``remote_dir``.
+
+    One command lists sizes and stat keys; a second hashes only the files whose key is not
+    in ``cache`` (all of them when ``cache`` is None or empty). Both ride the caller's SSH.
+    Raises RemoteListingError (one line) when the remote cannot be listed.
+    """
+
+    def checked(command: str, stdin: bytes | None = None) -> bytes:
+        result = run(command, stdin)
+        if result.returncode == 255:
+            raise RemoteListingError(
+                f"SSH dropped while listing the remote: {_last_stderr_line(result)}", True
+            )
+        if result.returncode == 3:
+            raise RemoteListingError(f"remote directory {remote_dir} does not exist")
+        if result.returncode != 0:
+            raise RemoteListingError(f"remote listing failed: {_last_stderr_line(result)}")
+        return result.stdout
+
+    try:
+        listed = parse_stat_listing(checked(remote_stat_command(remote_dir)))
+    except ValueError as error:
+        raise RemoteListingError(str(error)) from None
+    cache = cache or {}
+    hashes = {
+        path: cache[path].sha256
+        for path, (_, key) in listed.items()
+        if path in cache and cache[path].stat_key == key
+    }
+    to_hash = [path for path in listed if path not in hashes]
+    if to_hash:
+        names = b"".join(b"./" + os.fsencode(path) + b"\0" for path in to_hash)
+        try:
+            fresh = parse_hash_listing(checked(remote_hash_command(remote_dir), names))
+        except RemoteListingError as error:
+            if error.ssh_dropped:
+                raise
+            raise RemoteListingError(
+                f"remote files changed while they were being listed ({error}): run it again"
+            ) from None
+        except ValueError as error:
+            raise RemoteListingError(str(error)) from None
+        missing = [path for path in to_hash if path not in fresh]
+        if missing:
+            raise RemoteListingError(
+                f"remote file {missing[0]} appeared or vanished while it was being listed"
+            )
+        hashes.update(fresh)
+    entries = [FileEntry(path, listed[path][0], hashes[path]) for path in sorted(listed)]
+    new_cache = {path: CachedHash(listed[path][1], hashes[path]) for path in listed}
+    return entries, new_cache, len(to_hash)
 
 
 def compare_entries(expected: Iterable[FileEntry], actual: Iterable[FileEntry]) -> list[str]:
@@ -224,7 +396,62 @@ def find_manifests(directory: Path, hostname: str, port: int) -> list[tuple[Path
     return found
 
 
-def verify_local(manifest: Manifest) -> list[str]:
-    """Re-hash the local copies listed in the manifest; the problems, or an empty list."""
-    local = build_local_entries(Path(manifest.local_dir), [e.path for e in manifest.files])
+def verify_local(manifest: Manifest, cache: HashTable | None = None) -> list[str]:
+    """Hash the local copies listed in the manifest (reusing ``cache`` hashes whose stat key
+    still matches); the problems, or an empty list."""
+    local = build_local_entries(Path(manifest.local_dir), [e.path for e in manifest.files], cache)
     return compare_entries(manifest.files, local)
+
+
+# -- the hash cache beside each manifest -----------------------------------------------------
+
+HASH_CACHE_VERSION = 1
+
+
+@dataclass
+class HashCache:
+    """Both sides' cached hashes for one manifest; valid only for the same two directories."""
+
+    local_dir: str
+    remote_dir: str
+    local: HashTable = field(default_factory=dict)
+    remote: HashTable = field(default_factory=dict)
+
+
+def hash_cache_path(manifest_file: Path) -> Path:
+    """``<manifest>.hashes``: not ``*.json``, so manifest globs never read it."""
+    return Path(manifest_file).with_suffix(".hashes")
+
+
+def read_hash_cache(manifest_file: Path, local_dir: str, remote_dir: str) -> HashCache:
+    """The cache for this manifest, or an empty one when missing, unreadable or written for
+    other directories (a cache is a speed-up: any doubt means hashing again)."""
+    empty = HashCache(str(local_dir), remote_dir)
+    try:
+        data = json.loads(hash_cache_path(manifest_file).read_text())
+        if (
+            data.get("version") != HASH_CACHE_VERSION
+            or data.get("local_dir") != str(local_dir)
+            or data.get("remote_dir") != remote_dir
+        ):
+            return empty
+
+        def table(name: str) -> HashTable:
+            return {str(p): CachedHash(str(k), str(h)) for p, (k, h) in data[name].items()}
+
+        return HashCache(str(local_dir), remote_dir, table("local"), table("remote"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return empty
+
+
+def write_hash_cache(manifest_file: Path, cache: HashCache) -> None:
+    data = {
+        "version": HASH_CACHE_VERSION,
+        "local_dir": cache.local_dir,
+        "remote_dir": cache.remote_dir,
+        "local": {p: [c.stat_key, c.sha256] for p, c in cache.local.items()},
+        "remote": {p: [c.stat_key, c.sha256] for p, c in cache.remote.items()},
+    }
+    path = hash_cache_path(manifest_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(data).encode())

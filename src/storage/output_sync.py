@@ -8,10 +8,12 @@
   are skipped by size+mtime, so a re-sync moves almost nothing). Symlinks are followed, as the
   verify listing (``find -L``) does, so a ``run1 -> /elsewhere`` link's files come home; a
   dangling link or a link loop stops the sync first with one line naming it;
-- verify: sizes and sha256 of every remote file, computed on the remote by one command, are
-  compared with the local copies; the manifest is written either way, ``verified`` says
-  which. rsync's quick check trusts mtimes, so this is what catches a file that changed
-  remotely after it was sent, or a local copy that rotted;
+- verify: sizes and sha256 of every remote file, computed on the remote, are compared with
+  the local copies; the manifest is written either way, ``verified`` says which. rsync's
+  quick check trusts mtimes, so this is what catches a file that changed remotely after it
+  was sent, or a local copy that rotted. A hash is reused while the file's stat key (size,
+  mtime, ctime, inode) is unchanged on its side (``manifest.HashCache``), so a re-sync hashes
+  only what rsync moved or training rewrote; ``--verify-all`` hashes everything again;
 - upload (only with ``S3_BUCKET``): the verified files go to S3 (``S3_PREFIX``,
   ``S3_ENDPOINT_URL``).
 
@@ -33,14 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.storage.manifest import (
+    FileEntry,
+    HashCache,
     Manifest,
-    build_local_entries,
+    RemoteListingError,
     compare_entries,
+    hash_local_files,
+    list_remote_entries,
     manifest_dir,
     manifest_path,
-    parse_remote_listing,
+    read_hash_cache,
     remote_link_check_command,
-    remote_listing_command,
+    write_hash_cache,
     write_manifest,
 )
 from src.utils.paths import tools_dotenv_path
@@ -55,11 +61,15 @@ CONNECT_TIMEOUT_S = 15
 
 
 class SyncError(RuntimeError):
-    """A failed stage; ``str()`` is the one line shown to the user."""
+    """A failed stage; ``str()`` is the one line shown to the user. ``reason`` is that line
+    without the stage, ``detail`` the whole stderr of ssh when a connection failed (callers
+    that explain SSH failures read it: the last line alone can hide a changed host key)."""
 
-    def __init__(self, stage: str, message: str) -> None:
+    def __init__(self, stage: str, message: str, detail: str = "") -> None:
         super().__init__(f"{stage} failed: {message}")
         self.stage = stage
+        self.reason = message
+        self.detail = detail
 
 
 @dataclass
@@ -68,6 +78,7 @@ class TransferStats:
     bytes_received: int = 0
     total_file_size: int = 0
     transferred_file_size: int = 0
+    files_transferred: int = 0
 
     @property
     def wire_bytes(self) -> int:
@@ -80,6 +91,7 @@ class SyncResult:
     manifest_file: Path
     stats: TransferStats
     uploaded_keys: list[str] = field(default_factory=list)
+    files_hashed: int = 0  # remote + local files read for the verify (the rest: cached)
 
 
 def _last_line(text: str | bytes) -> str:
@@ -92,9 +104,13 @@ def _last_line(text: str | bytes) -> str:
 class SshSession:
     """One ControlMaster connection that every later ssh/rsync call rides on."""
 
-    def __init__(self, host: str, port: int | None, extra_opts: list[str]) -> None:
+    def __init__(
+        self, host: str, port: int | None, extra_opts: list[str], persist_s: int = 300
+    ) -> None:
         self.host = host
         self.port = port
+        self.persist_s = persist_s  # how long the master outlives a client that never closed
+        self._resolved: tuple[str, str, int] | None = None
         self._control_dir = Path(tempfile.mkdtemp(prefix="sync-ssh-", dir="/tmp"))
         control = ["-o", f"ControlPath={self._control_dir}/cm"]
         # User options first: for ssh the first value given wins.
@@ -115,6 +131,8 @@ class SshSession:
 
     def resolve(self) -> tuple[str, str, int]:
         """(user, hostname, port) after ~/.ssh/config, as ``ssh -G`` sees them."""
+        if self._resolved is not None:
+            return self._resolved
         result = subprocess.run(
             ["ssh", "-G", *self.base_args, self.host], capture_output=True, text=True
         )
@@ -126,11 +144,12 @@ class SshSession:
         for line in result.stdout.splitlines():
             key, _, value = line.partition(" ")
             values.setdefault(key.lower(), value.strip())
-        return (
+        self._resolved = (
             values.get("user", "root"),
             values.get("hostname", self.host),
             int(values.get("port", 22)),
         )
+        return self._resolved
 
     def start(self) -> None:
         # -f: background after authentication, so errors still come back here. stderr goes to
@@ -144,7 +163,7 @@ class SshSession:
                     "-o",
                     "ControlMaster=yes",
                     "-o",
-                    "ControlPersist=300",
+                    f"ControlPersist={self.persist_s}",
                     *self.base_args,
                     self.host,
                 ],
@@ -153,21 +172,31 @@ class SshSession:
                 stderr=err,
             )
             err.seek(0)
-            message = _last_line(err.read())
+            detail = err.read().decode(errors="replace")
         if result.returncode != 0:
-            raise SyncError("connect", f"cannot open SSH to {self.host}: {message}")
+            raise SyncError(
+                "connect", f"cannot open SSH to {self.host}: {_last_line(detail)}", detail
+            )
         self._started = True
 
     def ssh_command(self) -> list[str]:
         return ["ssh", "-o", "ControlMaster=no", *self.base_args]
 
-    def run(self, command: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, command: str, timeout: float | None = None, input: bytes | None = None
+    ) -> subprocess.CompletedProcess:
+        """One remote shell command over the master; ``input`` is sent as its stdin."""
         return subprocess.run(
             [*self.ssh_command(), self.host, command],
-            stdin=subprocess.DEVNULL,
+            input=input,
+            stdin=subprocess.DEVNULL if input is None else None,
             capture_output=True,
             timeout=timeout,
         )
+
+    def popen(self, command: str, **kwargs: object) -> subprocess.Popen:
+        """A remote command whose output the caller streams (logs, installer output)."""
+        return subprocess.Popen([*self.ssh_command(), self.host, command], **kwargs)
 
     def close(self) -> None:
         if self._started:
@@ -197,23 +226,40 @@ def parse_rsync_stats(output: str) -> TransferStats:
         bytes_received=number("Total bytes received"),
         total_file_size=number("Total file size"),
         transferred_file_size=number("Total transferred file size"),
+        files_transferred=number("Number of regular files transferred"),
     )
 
 
 def run_rsync(
-    session: SshSession, remote_dir: str, local_dir: Path, show_progress: bool
+    session: SshSession,
+    remote_dir: str,
+    local_dir: Path,
+    show_progress: bool,
+    *,
+    push: bool = False,
+    options: list[str] | None = None,
+    rsync_path: str | None = None,
+    copy_links: bool = True,
+    stage: str = "transfer",
 ) -> TransferStats:
-    """Pull ``remote_dir/`` into ``local_dir/``; rsync's progress goes straight to stdout."""
+    """Pull ``remote_dir/`` into ``local_dir/`` (``push``: the other way) over the session's
+    master connection; rsync's progress goes straight to stdout. ``options``: extra rsync
+    options (excludes...); ``rsync_path``: the remote rsync command (default SYNC_RSYNC_PATH);
+    ``copy_links``: send what symlinks point to (outputs) rather than the links (code).
+    """
     remote_shell = shlex.join(session.ssh_command())
     # --copy-links: follow symlinks like the verify listing (find -L); links themselves would
     # leave the linked files on the instance while the manifest said "all home".
-    command = ["rsync", "-a", "--copy-links", "--partial", "--stats", "-e", remote_shell]
+    command = ["rsync", "-a", *(["--copy-links"] if copy_links else [])]
+    command += ["--partial", "--stats", "-e", remote_shell]
     if show_progress:
         command.append("--info=progress2")
-    rsync_path = os.environ.get(RSYNC_PATH_ENV)
+    rsync_path = rsync_path or os.environ.get(RSYNC_PATH_ENV)
     if rsync_path:
         command.append(f"--rsync-path={rsync_path}")
-    command += [f"{session.host}:{remote_dir.rstrip('/')}/", f"{local_dir}/"]
+    command += options or []
+    remote, local = f"{session.host}:{remote_dir.rstrip('/')}/", f"{local_dir}/"
+    command += [local, remote] if push else [remote, local]
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -226,9 +272,7 @@ def run_rsync(
             sys.stdout.flush()
     stderr = process.stderr.read() if process.stderr else b""
     if process.wait() != 0:
-        raise SyncError(
-            "transfer", f"rsync exited with code {process.returncode}: {_last_line(stderr)}"
-        )
+        raise SyncError(stage, f"rsync exited with code {process.returncode}: {_last_line(stderr)}")
     return parse_rsync_stats(captured.decode(errors="replace"))
 
 
@@ -255,47 +299,64 @@ def check_remote_links(session: SshSession, host: str, remote_dir: str) -> None:
         )
 
 
-def verify(session: SshSession, remote_dir: str, local_dir: Path) -> tuple[list, list[str]]:
-    """(remote entries, problems) after hashing both sides."""
-    result = session.run(remote_listing_command(remote_dir))
-    if result.returncode == 255:
-        raise SyncError(
-            "verify", f"SSH dropped while listing the remote: {_last_line(result.stderr)}"
-        )
-    if result.returncode != 0:
-        raise SyncError("verify", f"remote listing failed: {_last_line(result.stderr)}")
+def verify(
+    session: SshSession, remote_dir: str, local_dir: Path, cache: HashCache | None = None
+) -> tuple[list[FileEntry], list[str]]:
+    """(remote entries, problems) after hashing both sides. With ``cache``, hashes whose stat
+    key is unchanged are reused, and ``cache`` is refreshed in place; None hashes everything."""
+    entries, problems, _ = _verify_counting(session, remote_dir, local_dir, cache)
+    return entries, problems
+
+
+def _verify_counting(
+    session: SshSession, remote_dir: str, local_dir: Path, cache: HashCache | None
+) -> tuple[list[FileEntry], list[str], int]:
+    remote_cache, local_cache = (cache.remote, cache.local) if cache else (None, None)
     try:
-        remote_entries = parse_remote_listing(result.stdout)
-    except ValueError as error:
+        remote_entries, remote_fresh, remote_hashed = list_remote_entries(
+            lambda command, stdin: session.run(command, input=stdin), remote_dir, remote_cache
+        )
+    except RemoteListingError as error:
         raise SyncError("verify", str(error)) from None
-    local_entries = build_local_entries(local_dir, [e.path for e in remote_entries])
-    return remote_entries, compare_entries(remote_entries, local_entries)
+    local_entries, local_fresh, local_hashed = hash_local_files(
+        local_dir, [e.path for e in remote_entries], local_cache
+    )
+    if cache is not None:
+        cache.remote, cache.local = remote_fresh, local_fresh
+    problems = compare_entries(remote_entries, local_entries)
+    return remote_entries, problems, remote_hashed + local_hashed
 
 
-def sync_outputs(
-    host: str,
-    local_dir: Path,
+def transfer(
+    session: SshSession, remote_dir: str, local_dir: Path, show_progress: bool = True
+) -> TransferStats:
+    """The transfer stage: the remote dir exists and has no broken links, then rsync pulls."""
+    check_remote_links(session, session.host, remote_dir)
+    try:
+        local_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SyncError("transfer", f"cannot create {local_dir}: {error.strerror}") from None
+    return run_rsync(session, remote_dir, local_dir, show_progress)
+
+
+def verify_and_record(
+    session: SshSession,
     remote_dir: str,
-    port: int | None = None,
-    environ: Mapping[str, str] | None = None,
-    show_progress: bool = True,
-) -> SyncResult:
-    """All four stages; raises SyncError naming the stage that failed."""
-    environ = os.environ if environ is None else environ
-    extra_opts = shlex.split(environ.get(SSH_OPTS_ENV, ""))
-    local_dir = Path(local_dir).expanduser().resolve()
-    with SshSession(host, port, extra_opts) as session:
-        user, hostname, resolved_port = session.resolve()
-        session.start()
-        check_remote_links(session, host, remote_dir)
-        try:
-            local_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise SyncError("transfer", f"cannot create {local_dir}: {error.strerror}") from None
-        stats = run_rsync(session, remote_dir, local_dir, show_progress)
-        remote_entries, problems = verify(session, remote_dir, local_dir)
+    local_dir: Path,
+    environ: Mapping[str, str],
+    verify_all: bool = False,
+) -> tuple[Manifest, Path, int]:
+    """The verify stage: compare both sides, write the manifest (and the hash cache beside it)
+    either way; (manifest, its path, files hashed). SyncError("verify") when anything differs.
+    ``verify_all``: ignore the hash cache, read every byte on both sides."""
+    user, hostname, resolved_port = session.resolve()
+    path = manifest_path(manifest_dir(environ), user, hostname, resolved_port, remote_dir)
+    cache = read_hash_cache(path, str(local_dir), remote_dir)
+    if verify_all:
+        cache.local, cache.remote = {}, {}
+    remote_entries, problems, hashed = _verify_counting(session, remote_dir, local_dir, cache)
     manifest = Manifest(
-        host=host,
+        host=session.host,
         ssh_hostname=hostname,
         ssh_port=resolved_port,
         ssh_user=user,
@@ -305,12 +366,35 @@ def sync_outputs(
         verified=not problems,
         mismatches=problems,
     )
-    path = manifest_path(manifest_dir(environ), user, hostname, resolved_port, remote_dir)
     write_manifest(manifest, path)
+    write_hash_cache(path, cache)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise SyncError("verify", f"{problems[0]}{more}; run the sync again (manifest: {path})")
-    result = SyncResult(manifest, path, stats)
+    return manifest, path, hashed
+
+
+def sync_outputs(
+    host: str,
+    local_dir: Path,
+    remote_dir: str,
+    port: int | None = None,
+    environ: Mapping[str, str] | None = None,
+    show_progress: bool = True,
+    verify_all: bool = False,
+) -> SyncResult:
+    """All four stages; raises SyncError naming the stage that failed."""
+    environ = os.environ if environ is None else environ
+    extra_opts = shlex.split(environ.get(SSH_OPTS_ENV, ""))
+    local_dir = Path(local_dir).expanduser().resolve()
+    with SshSession(host, port, extra_opts) as session:
+        session.resolve()
+        session.start()
+        stats = transfer(session, remote_dir, local_dir, show_progress)
+        manifest, path, hashed = verify_and_record(
+            session, remote_dir, local_dir, environ, verify_all
+        )
+    result = SyncResult(manifest, path, stats, files_hashed=hashed)
     bucket = environ.get("S3_BUCKET", "").strip()
     if bucket:
         result.uploaded_keys = upload_to_s3(manifest, bucket, environ)
@@ -368,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("remote_dir", nargs="?", help="default: SYNC_REMOTE_DIR")
     parser.add_argument("-p", "--port", type=int, help="SSH port (default: from ~/.ssh/config)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no rsync progress")
+    parser.add_argument(
+        "--verify-all",
+        action="store_true",
+        help="hash every file on both sides again (default: reuse hashes of unchanged files)",
+    )
     args = parser.parse_args(argv)
     settings = load_settings(os.environ)
     # Boto3 reads AWS_* from os.environ: let .env supply them without overriding the shell.
@@ -396,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         result = sync_outputs(
-            host, Path(local_dir), remote_dir, args.port, settings, not args.quiet
+            host, Path(local_dir), remote_dir, args.port, settings, not args.quiet, args.verify_all
         )
     except SyncError as error:
         print(f"sync_outputs: {error}", file=sys.stderr)
@@ -408,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"sync_outputs: verified {len(manifest.files)} files ({manifest.total_bytes} bytes) "
-        f"from {host}:{remote_dir}; manifest {result.manifest_file}"
+        f"from {host}:{remote_dir}, {result.files_hashed} hashed; manifest {result.manifest_file}"
     )
     if result.uploaded_keys:
         print(

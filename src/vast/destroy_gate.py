@@ -10,6 +10,10 @@ pass, right now: (1) the last sync verified, (2) the local copies still hash to 
 more; a file deleted remotely is still safe at home). Any doubt refuses; ``--force`` is the
 way out.
 
+Hashes are reused from the sync's hash cache (``<manifest>.hashes``) for files whose stat
+key (size, mtime, ctime, inode) is unchanged on their side, so the check right after a sync
+reads no file twice; anything touched since is hashed again.
+
 The remote is listed through the same SSH host the sync used (the manifest's alias or
 user@host), so ``~/.ssh/config`` (IdentityFile, ProxyJump...) applies as it did for the sync;
 ``HostName``/``Port``/``User`` are pinned to the manifest's resolved address, so an alias since
@@ -26,13 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from src.storage.manifest import (
+    HashTable,
     Manifest,
+    RemoteListingError,
     compare_entries,
     covers,
     find_manifests,
+    list_remote_entries,
     manifest_dir,
     normalize_remote_dir,
-    parse_remote_listing,
+    read_hash_cache,
     remote_listing_command,
     verify_local,
 )
@@ -49,8 +56,11 @@ class GateResult:
     manifests: list[Path] = field(default_factory=list)
 
 
-def remote_command_args(manifest: Manifest, environ: Mapping[str, str]) -> list[str]:
-    """The ssh argv that reaches the synced host as the sync did, pinned to its address."""
+def remote_command_args(
+    manifest: Manifest, environ: Mapping[str, str], command: str | None = None
+) -> list[str]:
+    """The ssh argv that reaches the synced host as the sync did, pinned to its address.
+    ``command``: the remote command (default: the full size + sha256 listing)."""
     return [
         "ssh",
         *shlex.split(environ.get(SSH_OPTS_ENV, "")),
@@ -68,27 +78,34 @@ def remote_command_args(manifest: Manifest, environ: Mapping[str, str]) -> list[
         "StrictHostKeyChecking=accept-new",
         # The alias (or user@host) the sync was given: its Host block applies again.
         manifest.host,
-        remote_listing_command(manifest.remote_dir),
+        command if command is not None else remote_listing_command(manifest.remote_dir),
     ]
 
 
-def remote_entries(manifest: Manifest, environ: Mapping[str, str]) -> list[Any]:
-    """The remote listing now, over one SSH command; RuntimeError with one line on failure."""
+def remote_entries(
+    manifest: Manifest, environ: Mapping[str, str], cache: HashTable | None = None
+) -> list[Any]:
+    """The remote listing now (hashing only files not in ``cache`` with the same stat key);
+    RuntimeError with one line on failure."""
+
+    def run(command: str, stdin: bytes | None) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(
+                remote_command_args(manifest, environ, command),
+                input=stdin,
+                stdin=subprocess.DEVNULL if stdin is None else None,
+                capture_output=True,
+                timeout=600,
+            )
+        except OSError as error:  # no ssh binary, or not executable
+            raise RuntimeError(
+                f"cannot run ssh ({error.strerror or error}): install openssh-client"
+            ) from None
+
     try:
-        result = subprocess.run(
-            remote_command_args(manifest, environ),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=600,
-        )
-    except OSError as error:  # no ssh binary, or not executable
-        raise RuntimeError(
-            f"cannot run ssh ({error.strerror or error}): install openssh-client"
-        ) from None
-    if result.returncode != 0:
-        lines = result.stderr.decode(errors="replace").strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"ssh exited with code {result.returncode}")
-    return parse_remote_listing(result.stdout)
+        return list_remote_entries(run, manifest.remote_dir, cache)[0]
+    except RemoteListingError as error:
+        raise RuntimeError(str(error)) from None
 
 
 def sync_command(address: SshAddress, root: str, settings: Mapping[str, str]) -> str:
@@ -105,18 +122,25 @@ def resync_command(manifest: Manifest) -> str:
     return shlex.join([SYNC_SCRIPT, *port, manifest.host, manifest.local_dir, manifest.remote_dir])
 
 
-def _check_manifest(manifest: Manifest, environ: Mapping[str, str]) -> str | None:
+def _check_manifest(
+    manifest: Manifest, environ: Mapping[str, str], manifest_file: Path | None = None
+) -> str | None:
     """None when this manifest proves its remote dir is home right now; else why not."""
     source = f"{manifest.host}:{manifest.remote_dir}"
     hint = f"run {resync_command(manifest)} again, or pass --force"
     if not manifest.verified:
         first = manifest.mismatches[0] if manifest.mismatches else "unknown"
         return f"the last sync of {source} failed verification ({first}): {hint}"
-    local_problems = verify_local(manifest)
+    cache = (
+        read_hash_cache(manifest_file, manifest.local_dir, manifest.remote_dir)
+        if manifest_file is not None
+        else None
+    )
+    local_problems = verify_local(manifest, cache.local if cache else None)
     if local_problems:
         return f"local copy in {manifest.local_dir} differs: {local_problems[0]}: {hint}"
     try:
-        now = remote_entries(manifest, environ)
+        now = remote_entries(manifest, environ, cache.remote if cache else None)
     except (RuntimeError, ValueError, subprocess.TimeoutExpired) as error:
         return f"cannot check the remote {source} ({error}): outputs unverified, refusing"
     if not manifest.files and now:
@@ -168,7 +192,7 @@ def check_outputs_downloaded(
     paths = [path for path, _ in covering]
     first_problem = None
     for path, manifest in covering:
-        problem = _check_manifest(manifest, settings)
+        problem = _check_manifest(manifest, settings, path)
         if problem is None:
             return GateResult(
                 True,

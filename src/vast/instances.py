@@ -8,6 +8,7 @@ here tolerates absence instead of crashing the whole table for one odd instance.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,19 @@ def ssh_addresses(instance: dict[str, Any]) -> list[SshAddress]:
     if proxy_host and proxy_port:
         addresses.append(SshAddress("proxy", proxy_host, proxy_port))
     return addresses
+
+
+def find_instance_by_address(
+    instances: Iterable[dict[str, Any]], hostname: str, port: int
+) -> dict[str, Any] | None:
+    """The instance reachable over SSH at ``hostname:port`` (direct or proxy), or None.
+
+    How a tool that was only given an SSH host (remote_train) finds the instance to price,
+    stop or destroy."""
+    for instance in instances:
+        if any(a.host == hostname and a.port == int(port) for a in ssh_addresses(instance)):
+            return instance
+    return None
 
 
 def status_of(instance: dict[str, Any]) -> str:

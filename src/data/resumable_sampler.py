@@ -42,7 +42,10 @@ class ResumableSampler(Sampler[int]):
         else:
             order = list(range(self.dataset_size))
         padded_size = -(-self.dataset_size // self.world_size) * self.world_size
-        order += order[: padded_size - len(order)]  # equal share per rank
+        # Equal shares, or DDP's collectives hang on the rank that runs out first. Repeat the
+        # whole order when there are more ranks than samples (one copy would leave some short).
+        while len(order) < padded_size:
+            order += order[: padded_size - len(order)]
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:

@@ -697,16 +697,20 @@ class InterruptibleTrainer:
 
     def _checkpoint_state(self) -> dict[str, Any]:
         self._tick()
-        rng_states = gather_objects(capture_rng_state(), self.dist)  # one per rank
+        # One entry per rank: its RNGs and its share of the epoch's train loss (rank 0's
+        # share alone would count it twice and lose the others' on resume).
+        per_rank = gather_objects(
+            (capture_rng_state(), self._epoch_loss_sum.item(), self._epoch_samples), self.dist
+        )
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng_states,
+            "rng": [rng for rng, _, _ in per_rank],
             "trainer": asdict(self.state),
-            "epoch_loss_sum": self._epoch_loss_sum,
-            "epoch_samples": self._epoch_samples,
+            "epoch_loss_sum": [loss_sum for _, loss_sum, _ in per_rank],
+            "epoch_samples": [samples for _, _, samples in per_rank],
         }
 
     def _save_checkpoint(self, is_best: bool = False, blocking: bool = False) -> None:
@@ -742,10 +746,14 @@ class InterruptibleTrainer:
         if should_load_scaler(checkpoint["scaler"], self.scaler.is_enabled()):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.state = TrainState.from_checkpoint(checkpoint["trainer"])
-        self._epoch_loss_sum = checkpoint["epoch_loss_sum"].to(self.device)
-        self._epoch_samples = checkpoint["epoch_samples"]
         rng_states = checkpoint["rng"]
-        restore_rng_state(rng_states[min(self.dist.rank, len(rng_states) - 1)])
+        rank = min(self.dist.rank, len(rng_states) - 1)
+        restore_rng_state(rng_states[rank])
+        loss_sum, samples = checkpoint["epoch_loss_sum"], checkpoint["epoch_samples"]
+        if isinstance(samples, list):  # per rank; older checkpoints hold rank 0's only
+            loss_sum, samples = loss_sum[rank], samples[rank]
+        self._epoch_loss_sum = torch.as_tensor(loss_sum, dtype=torch.float64).to(self.device)
+        self._epoch_samples = samples
         state = self.state
         if state.status != "running" and not self._work_left():
             self._print(

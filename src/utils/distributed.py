@@ -2,6 +2,11 @@
 
 Rank 0 alone writes files; every rank stops at the same step because the stop
 flag is reduced across ranks (if any rank was signalled, all stop).
+
+Under torchrun (``RANK`` set, as nanoGPT detects it) the process group is started and
+the model wrapped in DDP even for one rank: a single GPU then runs the same NCCL and
+DDP code a multi-GPU machine runs, and one rank's DDP averages over one, so its weights
+equal a plain run's.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    launched: bool = False  # by torchrun: a process group runs, even for one rank
 
     @property
     def is_main(self) -> bool:
@@ -25,18 +31,24 @@ class DistInfo:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        """True when collectives and DDP are in use (under torchrun, any world size)."""
+        return self.launched or self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun sets RANK and WORLD_SIZE for every worker; a plain ``python`` run has neither."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_distributed(device_type: str) -> DistInfo:
-    """Read torchrun's env vars; start the process group when there is more than one rank."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    """Read torchrun's env vars and start the process group (NCCL on CUDA, gloo on CPU)."""
+    if not launched_by_torchrun():
         return DistInfo()
     info = DistInfo(
         rank=int(os.environ["RANK"]),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=world_size,
+        world_size=int(os.environ["WORLD_SIZE"]),
+        launched=True,
     )
     if device_type == "cuda":
         # Before the process group: NCCL, object collectives and pinned-memory threads use

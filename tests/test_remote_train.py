@@ -10,6 +10,7 @@ the module, so the whole file stays well under 90 s.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -489,6 +490,36 @@ def test_stop_after(host: Host, first_loop) -> None:
     host.fake.instances[101].update(actual_status="running", intended_status="running")
 
 
+def test_export_onnx_on_the_host_comes_home_verified(host: Host, first_loop) -> None:
+    result = host.run("--attach", "loop-b", "--export-onnx")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_stages_done(result.stdout, ["train", "export", "retrieve", "verify"])
+    assert result.stdout.index("[export] done in") < result.stdout.index("[retrieve] done in")
+    assert "1 run(s) exported" in result.stdout
+    local, remote = host.local_dir / "loop-b", host.outputs / "loop-b"
+    assert (local / "model.onnx").read_bytes() == (remote / "model.onnx").read_bytes()
+    meta = json.loads((local / "model.onnx.json").read_text())
+    assert meta["sha256"] == hashlib.sha256((local / "model.onnx").read_bytes()).hexdigest()
+    manifests = map(read_manifest, (host.root / "manifests").glob("*.json"))
+    covering = [m for m in manifests if Path(m.remote_dir) == remote and m.verified]
+    assert any(e.path == "model.onnx" for m in covering for e in m.files), "model.onnx unverified"
+
+
+def test_export_failure_names_export_still_retrieves_and_destroys_nothing(
+    host: Host, first_loop
+) -> None:
+    result = host.run(
+        "--attach", "loop-a", "--destroy-after", "--export-onnx", "--export-args=--spec nosuch:fn"
+    )
+    assert result.returncode == 17, result.stdout + result.stderr
+    assert result.stderr.startswith("remote_train: export failed: run 'loop-a': export_onnx.py")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert_stages_done(result.stdout, ["retrieve", "verify"])  # the run still comes home
+    assert "the destroy is skipped: the export stage failed" in result.stdout
+    assert "[shutdown]" not in result.stdout and host.fake.count("DELETE") == 0
+    assert not (host.outputs / "loop-a" / "model.onnx").exists()
+
+
 def test_destroy_only_after_a_verified_retrieve(host: Host, first_loop) -> None:
     saved = dict(host.fake.instances[101])
     local = host.root / "laptop" / "all-outputs"
@@ -615,6 +646,9 @@ def test_bad_input_is_one_line_before_connecting(capsys: pytest.CaptureFixture[s
         (["h", EXPERIMENT, "--also"], "--also needs an experiment file"),
         (["h", "--also", EXPERIMENT], "--also runs after a first experiment"),
         (["h", "/etc/hostname"], "outside the repo"),
+        (["h", EXPERIMENT, "--export-args=--int8"], "--export-args goes with --export-onnx"),
+        (["h", "--status", "--export-onnx"], "--export-onnx goes with a run or --attach"),
+        (["h", EXPERIMENT, "--export-onnx", "--export-args=--spec 'x"], "--export-args: "),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -1,11 +1,12 @@
 """`scripts/remote_train.py`: one command from the laptop to a trained, verified, downloaded run.
 
-    connect -> sync -> install -> train (tmux, streamed) -> retrieve -> verify -> shutdown
+    connect -> sync -> install -> train (tmux, streamed) [-> export] -> retrieve -> verify
+    -> shutdown
 
 Each stage prints one line when it starts and one when it ends, with its duration. A failure
 prints ``remote_train: <stage> failed: <reason>`` (one line), exits with the stage's code
-(connect 10, sync 11, install 12, train 13, retrieve 14, verify 15, shutdown 16; bad input 2)
-and never stops or destroys anything. A crashed run is still retrieved and verified. An
+(connect 10, sync 11, install 12, train 13, retrieve 14, verify 15, shutdown 16, export 17;
+bad input 2) and never stops or destroys anything. A crashed run is still retrieved and verified. An
 interrupted run (exit 75) is retrieved and verified, then remote_train exits 75 without
 stopping the instance. Ctrl-C while a run streams detaches (exit 130): training goes on.
 """
@@ -146,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verify-all", action="store_true", help="re-hash every retrieved file on both sides"
     )
+    parser.add_argument(
+        "--export-onnx",
+        action="store_true",
+        help="on the host, export each finished run to ONNX (scripts/export_onnx.py) before "
+        "retrieving it, so model.onnx comes home verified with the run",
+    )
+    parser.add_argument(
+        "--export-args",
+        default="",
+        metavar="'ARGS'",
+        help="options for export_onnx.py, written with '=': --export-args='--int8 --weights final'",
+    )
     parser.add_argument("--tmux-socket", help=argparse.SUPPRESS)  # tests: a tmux of their own
     return parser
 
@@ -199,6 +212,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Experiment]]:
         raise UsageError("--stop-after / --destroy-after go with a run or --attach")
     if not args.python.strip():
         raise UsageError("--python needs an interpreter, e.g. --python python3")
+    if args.export_args and not args.export_onnx:
+        raise UsageError("--export-args goes with --export-onnx")
+    try:
+        args.export_args = shlex.split(args.export_args)
+    except ValueError as error:
+        raise UsageError(f"--export-args: {error}") from None
+    if args.export_onnx and (args.status or args.monitor):
+        raise UsageError("--export-onnx goes with a run or --attach")
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a TCP port")
     if args.local_dir and Path(args.local_dir).expanduser().exists():
@@ -279,6 +300,10 @@ class RemoteTrain:
             value = getattr(self.args, flag)
             if value and not (flag == "python" and value == "python3"):
                 extra += [f"--{flag.replace('_', '-')}", value]
+        if self.args.export_onnx:
+            extra.append("--export-onnx")
+            if self.args.export_args:
+                extra.append(f"--export-args={shlex.join(self.args.export_args)}")
         return f"{SCRIPT} {shlex.join([self.args.host, '--attach', run_name, *extra])}"
 
     @property
@@ -467,6 +492,36 @@ class RemoteTrain:
                     "rebooted, or tmux killed?)"
                 )
 
+    def export(self, outcome: Outcome) -> None:
+        """``scripts/export_onnx.py`` on the host for each run that ended with exit 0: the
+        export checks itself against torch there (where torch is), and model.onnx then
+        travels home through the same retrieve and verify as the rest of the run."""
+        assert self.host is not None
+        done = [s for s in outcome.states if s["state"] == "finished" and s["exit_code"] == 0]
+        extra = shlex.join(self.args.export_args)
+        with self.reporter.stage("export", f"scripts/export_onnx.py {extra}".rstrip()) as stage:
+            for state in done:
+                script = shlex.join(
+                    [self.args.python, "scripts/export_onnx.py", state["run_dir"]]
+                    + self.args.export_args
+                )
+                sink = _CapturingSink()
+                code, ssh_error = self.host.stream(self.host.in_repo(f"{script} 2>&1"), sink)
+                if code == 255:
+                    raise StageError("export", f"SSH connection dropped: {ssh_error}")
+                if code != 0:
+                    lines = sink.captured.decode(errors="replace").splitlines()
+                    last = next((ln for ln in reversed(lines) if ln.strip()), "no output")
+                    raise StageError(
+                        "export",
+                        f"run '{state['run_name']}': export_onnx.py exited with code {code}: "
+                        f"{last.strip()}",
+                    )
+            skipped = [s["run_name"] for s in outcome.states if s not in done]
+            stage.note = f"{len(done)} run(s) exported"
+            if skipped:
+                stage.note += f"; not exported (did not finish): {', '.join(skipped)}"
+
     def retrieve_targets(self, states: list[dict[str, Any]]) -> list[tuple[str, Path]]:
         """(remote dir, local dir) pairs: each started run's dir, or with --destroy-after the
         outputs roots, since the destroy gate wants everything under them verified home."""
@@ -610,6 +665,12 @@ class RemoteTrain:
                 return EXIT_DETACHED
             targets = self.retrieve_targets(outcome.states)
             train_failure = stage.failure
+            if train_failure is None and self.args.export_onnx:
+                try:
+                    self.export(outcome)
+                except StageError as error:  # reported; the run itself still comes home
+                    self.reporter.error(error)
+                    train_failure = error
             if train_failure is None:
                 self.retrieve_and_verify(targets)
             else:
@@ -618,7 +679,10 @@ class RemoteTrain:
                 except StageError as error:
                     self.reporter.error(error)
                 if self.shutdown_action:
-                    self.say(f"the {self.shutdown_action} is skipped: the train stage failed")
+                    self.say(
+                        f"the {self.shutdown_action} is skipped: the {train_failure.stage} "
+                        "stage failed"
+                    )
                 return train_failure.exit_code
             self.shutdown(outcome, targets)
             return EXIT_INTERRUPTED if outcome.interrupted else 0

@@ -14,8 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
 
-STAGES = ("connect", "sync", "install", "train", "retrieve", "verify", "shutdown")
-STAGE_EXIT = {name: 10 + index for index, name in enumerate(STAGES)}  # connect 10 ... shutdown 16
+# In the order of their exit codes (connect 10 ... shutdown 16, export 17); export runs
+# between train and retrieve, but came later, so it takes the next free code.
+STAGES = ("connect", "sync", "install", "train", "retrieve", "verify", "shutdown", "export")
+STAGE_EXIT = {name: 10 + index for index, name in enumerate(STAGES)}
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 75  # a run was interrupted (checkpoint saved): outputs home, not stopped
 EXIT_DETACHED = 130  # Ctrl-C: training goes on on the host

@@ -490,21 +490,6 @@ def test_stop_after(host: Host, first_loop) -> None:
     host.fake.instances[101].update(actual_status="running", intended_status="running")
 
 
-def test_export_onnx_on_the_host_comes_home_verified(host: Host, first_loop) -> None:
-    result = host.run("--attach", "loop-b", "--export-onnx")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert_stages_done(result.stdout, ["train", "export", "retrieve", "verify"])
-    assert result.stdout.index("[export] done in") < result.stdout.index("[retrieve] done in")
-    assert "1 run(s) exported" in result.stdout
-    local, remote = host.local_dir / "loop-b", host.outputs / "loop-b"
-    assert (local / "model.onnx").read_bytes() == (remote / "model.onnx").read_bytes()
-    meta = json.loads((local / "model.onnx.json").read_text())
-    assert meta["sha256"] == hashlib.sha256((local / "model.onnx").read_bytes()).hexdigest()
-    manifests = map(read_manifest, (host.root / "manifests").glob("*.json"))
-    covering = [m for m in manifests if Path(m.remote_dir) == remote and m.verified]
-    assert any(e.path == "model.onnx" for m in covering for e in m.files), "model.onnx unverified"
-
-
 def test_export_failure_names_export_still_retrieves_and_destroys_nothing(
     host: Host, first_loop
 ) -> None:
@@ -517,7 +502,22 @@ def test_export_failure_names_export_still_retrieves_and_destroys_nothing(
     assert_stages_done(result.stdout, ["retrieve", "verify"])  # the run still comes home
     assert "the destroy is skipped: the export stage failed" in result.stdout
     assert "[shutdown]" not in result.stdout and host.fake.count("DELETE") == 0
-    assert not (host.outputs / "loop-a" / "model.onnx").exists()
+    assert not (host.outputs / "loop-a" / "model.onnx").exists()  # nothing half-written
+
+
+def test_export_onnx_on_the_host_comes_home_verified(host: Host, first_loop) -> None:
+    result = host.run("--attach", "loop-b", "--export-onnx")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_stages_done(result.stdout, ["train", "export", "retrieve", "verify"])
+    assert result.stdout.index("[export] done in") < result.stdout.index("[retrieve] done in")
+    assert "2 run(s) exported" in result.stdout  # loop-b's tmux session holds loop-a too
+    local, remote = host.local_dir / "loop-b", host.outputs / "loop-b"
+    assert (local / "model.onnx").read_bytes() == (remote / "model.onnx").read_bytes()
+    meta = json.loads((local / "model.onnx.json").read_text())
+    assert meta["sha256"] == hashlib.sha256((local / "model.onnx").read_bytes()).hexdigest()
+    manifests = map(read_manifest, (host.root / "manifests").glob("*.json"))
+    covering = [m for m in manifests if Path(m.remote_dir) == remote and m.verified]
+    assert any(e.path == "model.onnx" for m in covering for e in m.files), "model.onnx unverified"
 
 
 def test_destroy_only_after_a_verified_retrieve(host: Host, first_loop) -> None:

@@ -582,6 +582,13 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
+def print_config_error(error: ConfigError) -> None:
+    """The one line, once per machine: under torchrun every rank reads the same config and
+    fails the same way, so only each node's first rank (LOCAL_RANK 0) prints it."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(error.line, file=sys.stderr)
+
+
 def exit_on_config_error(exc_type: type, error: BaseException, traceback: Any) -> None:
     """sys.excepthook for scripts: a ConfigError raised later (by the trainer, which checks
     what only the model can answer, such as trainer.monitor) is still one line and exit 2."""
@@ -589,7 +596,7 @@ def exit_on_config_error(exc_type: type, error: BaseException, traceback: Any) -
         from src.utils.run_lock import discard_unused_run_dirs
 
         discard_unused_run_dirs()  # "nothing written": not even an empty run directory
-        print(error.line, file=sys.stderr)  # type: ignore[attr-defined]
+        print_config_error(error)  # type: ignore[arg-type]
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_CONFIG_ERROR)  # raised before training: no write is pending
@@ -647,7 +654,7 @@ def load_experiment_config(
     except ConfigError as error:
         if notebook:
             raise
-        print(error.line, file=sys.stderr)
+        print_config_error(error)
         raise SystemExit(EXIT_CONFIG_ERROR) from None
 
 

@@ -14,6 +14,7 @@ from src.config import (
     default_config_path,
     load_config,
     load_dotenv_file,
+    print_config_error,
     redact_secrets,
     to_plain_dict,
 )
@@ -184,3 +185,17 @@ def test_run_directory_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
     args = [f"paths.output_dir={tmp_path}", "run_name=taken"]
     assert_one_line_config_error(args, "exists but is a file")
     assert (tmp_path / "taken").read_text() == "not a directory"
+
+
+def test_config_error_is_printed_once_per_machine_under_torchrun(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every rank fails on the same config: only LOCAL_RANK 0 prints the line."""
+    error = ConfigError("data.batch_size must be >= 1")
+    for local_rank, printed in (("1", ""), ("0", f"{error.line}\n")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        print_config_error(error)
+        assert capsys.readouterr().err == printed
+    monkeypatch.delenv("LOCAL_RANK")
+    print_config_error(error)  # plain python: no torchrun variables
+    assert capsys.readouterr().err == f"{error.line}\n"

@@ -11,6 +11,7 @@ equal a plain run's.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -56,7 +57,14 @@ def init_distributed(device_type: str) -> DistInfo:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # NCCL warns at exit about a group never destroyed (and may leave work pending).
+        atexit.register(_destroy_process_group)
     return info
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def max_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the tests use for real: OpenSSH server/client, rsync and tmux
-# (tests start their own sshd on 127.0.0.1; remote_train runs training in tmux).
-# Installs with apt when missing.
+# (tests start their own sshd on 127.0.0.1; remote_train runs training in tmux), and
+# Slurm + munge (tests start their own one-node cluster). Installs with apt when missing.
 set -euo pipefail
 missing=()
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
@@ -15,4 +15,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+bash "$(dirname "$0")/install_slurm.sh"
 bash "$(dirname "$0")/install_deps.sh" --dev

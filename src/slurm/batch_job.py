@@ -105,6 +105,8 @@ class Plan:
 
 @dataclass(frozen=True)
 class Outcome:
+    """What the batch job ends with: its exit code, whether it requeued, the line it prints."""
+
     exit_code: int
     requeue: bool
     message: str
@@ -393,8 +395,8 @@ class Supervisor:
             return outcome.exit_code
         print(
             f"[slurm] requeued job {self.job.job_id}: restart {self.job.restart_count + 1} "
-            f"resumes run {self.plan.run_name} from its checkpoint (a requeued job waits "
-            "about 2 minutes before it may start: Slurm's credential lifetime)",
+            f"resumes run {self.plan.run_name} from its checkpoint (Slurm holds a requeued "
+            "job for its credential lifetime, 2 minutes by default, before it starts again)",
             flush=True,
         )
         return outcome.exit_code

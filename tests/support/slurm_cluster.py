@@ -6,7 +6,8 @@ system Slurm, if any, is left alone. Debian's `slurm-wlm` and `munge` provide th
 (setup/install_slurm.sh). A component that is missing or does not come up raises
 SlurmUnavailable with the reason and the daemon's log: the tests fail on it, never skip.
 
-    python -m tests.support.slurm_cluster   # start one by hand, print SLURM_CONF, Ctrl-C stops
+    python -m tests.support.slurm_cluster   # start one by hand, print SLURM_CONF; Ctrl-C or
+                                            # SIGTERM stops it
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,10 +46,16 @@ def find_program(name: str) -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: all held open at once, so none is handed out twice."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def slurm_conf(root: Path, node: str, ctld_port: int, slurmd_port: int, cpus: int) -> str:
@@ -93,6 +101,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 @dataclass
 class SlurmCluster:
+    """The running cluster: where it lives, how to reach it, and the daemons to stop."""
+
     root: Path
     node: str
     env: dict[str, str]  # os.environ + SLURM_CONF: give it to every client command
@@ -132,9 +142,10 @@ class SlurmCluster:
             if jobs:
                 self.run("scancel", *jobs, check=False)
                 deadline = time.monotonic() + STOP_TIMEOUT_S
-                while time.monotonic() < deadline and self.run(
-                    "squeue", "-h", "-o", "%i", check=False
-                ).split():
+                while (
+                    time.monotonic() < deadline
+                    and self.run("squeue", "-h", "-o", "%i", check=False).split()
+                ):
                     time.sleep(0.2)
         for name in ("slurmd", "slurmctld", "munged"):
             process = self.daemons.pop(name, None)
@@ -163,7 +174,7 @@ def start_cluster(root: Path, cpus: int = 2, timeout: float = START_TIMEOUT_S) -
     key.write_bytes(os.urandom(128))
     key.chmod(0o400)
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, node, free_port(), free_port(), cpus))
+    conf.write_text(slurm_conf(root, node, *free_ports(2), cpus))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster = SlurmCluster(root, node, env)
 
@@ -200,7 +211,9 @@ def start_cluster(root: Path, cpus: int = 2, timeout: float = START_TIMEOUT_S) -
     return cluster
 
 
-def _wait_for(ready, cluster: SlurmCluster, daemon: str, timeout: float) -> None:
+def _wait_for(
+    ready: Callable[[], bool], cluster: SlurmCluster, daemon: str, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
@@ -222,9 +235,14 @@ def _wait_for(ready, cluster: SlurmCluster, daemon: str, timeout: float) -> None
 if __name__ == "__main__":
     import tempfile
 
+    # SIGTERM too (a background job ignores Ctrl-C): the daemons run in their own sessions,
+    # so only this process can stop them.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="slurm-") as tmp:
         started = start_cluster(Path(tmp))
-        print(f"export SLURM_CONF={started.env['SLURM_CONF']}   # Ctrl-C stops the cluster")
+        print(
+            f"export SLURM_CONF={started.env['SLURM_CONF']}   # Ctrl-C or SIGTERM stops the cluster"
+        )
         try:
             signal.pause()
         except KeyboardInterrupt:

@@ -13,7 +13,7 @@ setup:  ## install runtime dependencies (keeps an existing torch)
 train: setup  ## run the template experiment on the dev config (CPU or GPU, local disk, TensorBoard)
 	DEV_MODE=True $(PYTHON) experiments/template_experiment.py
 
-test:  ## install test dependencies (apt: openssh, rsync) and run the test suite
+test:  ## install test dependencies (apt: openssh, rsync, tmux, slurm, munge) and run the test suite
 	bash setup/install_test_deps.sh
 	$(PYTHON) -m pytest
 

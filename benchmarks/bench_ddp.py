@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +49,7 @@ class Setup:
 
 def run_worker(args: argparse.Namespace) -> None:
     """One training run (under torchrun: one rank of it); rank 0 writes its steps/s."""
-    from src.config import DEV_CONFIG, load_config
-    from src.data.synthetic import make_classification, split
-    from src.models import build_model
-    from src.trainers.interruptible_trainer import InterruptibleTrainer, default_train_step
-    from src.utils.rng import seed_everything
+    from benchmarks.timed_template import timed_template_fit
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = args.global_batch // world_size
@@ -74,25 +69,10 @@ def run_worker(args: argparse.Namespace) -> None:
         "logging.tensorboard=false",
         "logging.gpu_stats=false",
     ]
-    cfg = load_config(DEV_CONFIG, overrides)
-    data = make_classification(
-        cfg.data.num_samples, cfg.data.num_features, cfg.data.num_classes, cfg.data.noise, 0
-    )
-    train_set, val_set, _ = split(data, 0.005, 0.005, 0)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model, cfg.data.num_features, cfg.data.num_classes)
-    stamps: list[float] = []
-
-    def timed_step(model: torch.nn.Module, batch: object) -> torch.Tensor:
-        stamps.append(time.perf_counter())
-        return default_train_step(model, batch, torch.nn.functional.cross_entropy)
-
-    trainer = InterruptibleTrainer(cfg, model, train_set, val_set, step_fn=timed_step)
-    trainer.fit()
+    trainer, speed = timed_template_fit(overrides, skip_fraction=0.1)
     if trainer.dist.is_main:
-        steady = stamps[len(stamps) // 10 :]
-        speed = (len(steady) - 1) / (steady[-1] - steady[0])
-        Path(args.result).write_text(json.dumps({"steps_per_s": speed, "steps": len(stamps)}))
+        result = {"steps_per_s": speed, "steps": trainer.state.global_step}
+        Path(args.result).write_text(json.dumps(result))
 
 
 def measure(setup: Setup, work: Path, args: argparse.Namespace, run_index: int) -> float:

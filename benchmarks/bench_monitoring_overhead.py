@@ -36,12 +36,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch
 
 import src.trainers.interruptible_trainer as trainer_module
-from src.config import DEV_CONFIG, load_config
-from src.data.synthetic import make_classification, split
-from src.models import build_model
-from src.trainers.interruptible_trainer import InterruptibleTrainer, default_train_step
+from benchmarks.timed_template import timed_template_fit
 from src.utils.gpu_monitor import NvmlUnavailable, read_gpu_stats
-from src.utils.rng import seed_everything
 
 FAKE_NVML = REPO_ROOT / "tests" / "support" / "fake_nvml"
 
@@ -78,23 +74,7 @@ def steady_steps_per_second(
         f"logging.gpu_stats={monitors}",
         f"cost.hourly_rate_usd={2.5 if monitors else 'null'}",
     ]
-    cfg = load_config(DEV_CONFIG, overrides)
-    data = make_classification(
-        cfg.data.num_samples, cfg.data.num_features, cfg.data.num_classes, cfg.data.noise, 0
-    )
-    train_set, val_set, _ = split(data, 0.005, 0.005, 0)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model, cfg.data.num_features, cfg.data.num_classes)
-    stamps: list[float] = []
-
-    def timed_step(model: torch.nn.Module, batch: object) -> torch.Tensor:
-        stamps.append(time.perf_counter())
-        return default_train_step(model, batch, torch.nn.functional.cross_entropy)
-
-    trainer = InterruptibleTrainer(cfg, model, train_set, val_set, step_fn=timed_step)
-    trainer.fit()
-    steady = stamps[len(stamps) // 4 :]
-    return (len(steady) - 1) / (steady[-1] - steady[0])
+    return timed_template_fit(overrides, skip_fraction=0.25)[1]
 
 
 def main() -> None:

@@ -269,6 +269,21 @@ def describe_parse_error(path: Path, error: Exception) -> str:
     return f"cannot parse {path}: {problem}{where}"
 
 
+def load_yaml_mapping(path: Path, missing: str, not_a_mapping: str) -> DictConfig:
+    """A YAML file that must hold a mapping of keys. Each way it can fail is one ConfigError
+    line: ``missing`` when there is no file, ``not_a_mapping`` for a list or a scalar, and
+    the parser's problem with its line and column for bad YAML."""
+    if not path.is_file():
+        raise ConfigError(missing)
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and friends: report, don't dump a traceback
+        raise ConfigError(describe_parse_error(path, error)) from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(not_a_mapping)
+    return loaded
+
+
 def describe_config_error(error: OmegaConfBaseException, source: str) -> str:
     key = getattr(error, "full_key", None) or getattr(error, "key", None)
     first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -303,14 +318,11 @@ def load_config(
         if config_path is not None
         else default_config_path(dev_config, prod_config)
     )
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (pass --config PATH to an existing YAML)")
-    try:
-        file_cfg = OmegaConf.load(path)
-    except Exception as error:  # yaml.YAMLError and friends: report, don't dump a traceback
-        raise ConfigError(describe_parse_error(path, error)) from None
-    if not isinstance(file_cfg, DictConfig):
-        raise ConfigError(f"{path} must hold a mapping of sections (e.g. trainer: ...)")
+    file_cfg = load_yaml_mapping(
+        path,
+        f"config file not found: {path} (pass --config PATH to an existing YAML)",
+        f"{path} must hold a mapping of sections (e.g. trainer: ...)",
+    )
     keep = (lambda key: key in sections) if sections else (lambda key: key not in TOOL_SECTIONS)
     file_cfg = OmegaConf.masked_copy(file_cfg, [key for key in file_cfg if keep(key)])
     file_cfg = rename_old_keys(file_cfg, str(path))

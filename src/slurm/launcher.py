@@ -27,7 +27,7 @@ from src.config import (
     ConfigError,
     ExperimentConfig,
     describe_config_error,
-    describe_parse_error,
+    load_yaml_mapping,
     rename_old_override,
 )
 from src.utils.paths import REPO_ROOT
@@ -111,14 +111,11 @@ def repo_path(path: str) -> Path:
 def load_cases(path: str | Path) -> CasesFile:
     """Read and check a cases file; any problem is a ConfigError of one line."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"cases file not found: {path} (start from configs/cases.yaml)")
-    try:
-        file_cfg = OmegaConf.load(path)
-    except Exception as error:  # YAML syntax
-        raise ConfigError(describe_parse_error(path, error)) from None
-    if not isinstance(file_cfg, DictConfig):
-        raise ConfigError(f"{path} is not a mapping of keys: start from configs/cases.yaml")
+    file_cfg = load_yaml_mapping(
+        path,
+        f"cases file not found: {path} (start from configs/cases.yaml)",
+        f"{path} is not a mapping of keys: start from configs/cases.yaml",
+    )
     cases = file_cfg.get("cases")
     if cases is not None and not (
         isinstance(cases, ListConfig) and all(isinstance(case, DictConfig) for case in cases)

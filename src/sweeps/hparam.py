@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from src.config import ConfigError, describe_config_error, describe_parse_error
+from src.config import ConfigError, describe_config_error, load_yaml_mapping
 from src.sweeps.runner import Task, TaskResult, run_tasks
 from src.utils.atomic_io import atomic_write_bytes
 from src.utils.paths import (
@@ -86,14 +86,10 @@ def format_value(value: Any) -> str:
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
     """Read and check a sweep file; any problem is a one-line ConfigError."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        file_cfg = OmegaConf.load(path)
-    except Exception as error:  # YAML syntax
-        raise ConfigError(describe_parse_error(path, error)) from None
-    if not isinstance(file_cfg, DictConfig) or "sweep" not in file_cfg:
-        raise ConfigError(f"{path} has no sweep: section; start from configs/sweep_example.yaml")
+    no_section = f"{path} has no sweep: section; start from configs/sweep_example.yaml"
+    file_cfg = load_yaml_mapping(path, f"sweep file not found: {path}", no_section)
+    if "sweep" not in file_cfg:
+        raise ConfigError(no_section)
     source = f"{path} + command-line overrides" if overrides else str(path)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(SweepFile), file_cfg)

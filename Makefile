@@ -1,6 +1,8 @@
 # Run `make help` for the list of targets.
 PYTHON ?= python3
 export PYTHON
+# make test runs test files on this many workers (pytest-xdist); 0 runs them in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: help setup train test lint format bench tensorboard clean
 
@@ -15,7 +17,7 @@ train: setup  ## run the template experiment on the dev config (CPU or GPU, loca
 
 test:  ## install test dependencies (apt: openssh, rsync, tmux, slurm, munge) and run the test suite
 	bash setup/install_test_deps.sh
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint:  ## ruff check + format check
 	$(PYTHON) -m ruff check .

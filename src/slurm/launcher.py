@@ -292,9 +292,8 @@ def submit_all(
             "sbatch not found: run this on the cluster's login node (or a node with the Slurm "
             "client commands)"
         ) from None
-    repo_path(log_dir).mkdir(
-        parents=True, exist_ok=True
-    )  # Slurm fails a job whose log dir is missing
+    # Slurm fails a job whose log directory is missing, and writes no log to say so.
+    repo_path(log_dir).mkdir(parents=True, exist_ok=True)
     submitted = []
     for submission in submissions:
         result = run(submission.command)

@@ -2,6 +2,7 @@
 PYTHON ?= python3
 export PYTHON
 # make test runs test files on this many workers (pytest-xdist); 0 runs them in this process.
+# (-p no:benchmark: a pytest-benchmark plugin some images carry would warn under xdist.)
 TEST_WORKERS ?= 2
 
 .PHONY: help setup train test lint format bench tensorboard clean
@@ -17,7 +18,7 @@ train: setup  ## run the template experiment on the dev config (CPU or GPU, loca
 
 test:  ## install test dependencies (apt: openssh, rsync, tmux, slurm, munge) and run the test suite
 	bash setup/install_test_deps.sh
-	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile -p no:benchmark
 
 lint:  ## ruff check + format check
 	$(PYTHON) -m ruff check .

@@ -179,6 +179,25 @@ def test_torchrun_starts_the_process_group_for_one_rank_too(
     assert one_rank.is_distributed and one_rank.world_size == 1 and started == ["gloo"]
 
 
+def test_a_cuda_rank_selects_its_gpu_before_nccl_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU-only path, pinned on the CPU: NCCL and object collectives use the current
+    device, so each rank must select GPU LOCAL_RANK before the process group starts."""
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        distributed.dist, "init_process_group", lambda backend: calls.append(("init", backend))
+    )
+    monkeypatch.setattr(
+        distributed.torch.cuda, "set_device", lambda index: calls.append(("set_device", index))
+    )
+    monkeypatch.setenv("RANK", "11")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_RANK", "3")  # second node, fourth GPU
+    info = distributed.init_distributed("cuda")
+    assert calls == [("set_device", 3), ("init", "nccl")]
+    assert (info.rank, info.local_rank, info.world_size, info.is_main) == (11, 3, 16, False)
+
+
 # ----- real torchrun runs -------------------------------------------------------------
 
 

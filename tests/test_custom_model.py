@@ -20,6 +20,7 @@ from src.utils.signals import EXIT_INTERRUPTED
 from tests.support.experiment import (
     REPO_ROOT,
     assert_bit_identical,
+    assert_same_history,
     experiment_env,
     newest_checkpoint_step,
     run_experiment,
@@ -91,11 +92,7 @@ def test_dict_batches_sigterm_then_rerun_is_bit_identical(
     reference = tiny_references[workers]
     assert_bit_identical(run_dir / "final_model.pt", reference / "final_model.pt")
     assert_bit_identical(run_dir / "best_model.pt", reference / "best_model.pt")
-    ours = json.loads((run_dir / "training_log.json").read_text())
-    theirs = json.loads((reference / "training_log.json").read_text())
-    assert [(r["train_loss"], r["val_acc"]) for r in ours] == [
-        (r["train_loss"], r["val_acc"]) for r in theirs
-    ]
+    assert_same_history(run_dir, reference, ("train_loss", "val_acc"))
 
 
 def test_sigkill_during_checkpoint_writes_then_rerun_is_bit_identical(

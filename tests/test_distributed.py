@@ -30,6 +30,7 @@ from tests.support.experiment import (
     EXPERIMENT,
     REPO_ROOT,
     assert_bit_identical,
+    assert_same_history,
     experiment_env,
     load_weights,
     run_experiment,
@@ -253,11 +254,7 @@ def test_sigterm_to_the_group_then_rerun_is_bit_identical(
     reference = reference_run(device, ranks, variant).run_dir
     assert_bit_identical(run_dir / "final_model.pt", reference / "final_model.pt")
     assert_bit_identical(run_dir / "best_model.pt", reference / "best_model.pt")
-    ours = json.loads((run_dir / "training_log.json").read_text())
-    theirs = json.loads((reference / "training_log.json").read_text())
-    assert [(r["train_loss"], r["val_loss"]) for r in ours] == [
-        (r["train_loss"], r["val_loss"]) for r in theirs
-    ]
+    assert_same_history(run_dir, reference, ("train_loss", "val_loss"))
 
 
 def test_a_two_rank_run_refuses_to_resume_with_one_rank(

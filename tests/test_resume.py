@@ -3,7 +3,6 @@ the same final weights, bit for bit, as a run that was never interrupted."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -15,6 +14,7 @@ import pytest
 from src.utils.signals import EXIT_INTERRUPTED
 from tests.support.experiment import (
     assert_bit_identical,
+    assert_same_history,
     interrupt_at_step,
     newest_checkpoint_step,
     run_experiment,
@@ -113,11 +113,7 @@ def test_signal_then_rerun_is_bit_identical(
     reference = reference_runs[(workers, variant)]
     assert_bit_identical(run_dir / "final_model.pt", reference / "final_model.pt")
     # The per-epoch losses match too: the resumed run replays nothing and skips nothing.
-    ours = json.loads((run_dir / "training_log.json").read_text())
-    theirs = json.loads((reference / "training_log.json").read_text())
-    assert [(r["train_loss"], r["val_loss"]) for r in ours] == [
-        (r["train_loss"], r["val_loss"]) for r in theirs
-    ]
+    assert_same_history(run_dir, reference, ("train_loss", "val_loss"))
 
 
 def test_sigkill_during_checkpoint_writes_never_loads_a_partial_one(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,6 +80,13 @@ def assert_bit_identical(left: Path, right: Path) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs between {left} and {right}"
+
+
+def assert_same_history(run_dir: Path, reference: Path, keys: tuple[str, ...]) -> None:
+    """The per-epoch records of training_log.json agree on ``keys`` (exactly): a resumed
+    run replayed nothing and skipped nothing."""
+    ours, theirs = (json.loads((d / "training_log.json").read_text()) for d in (run_dir, reference))
+    assert [[r[k] for k in keys] for r in ours] == [[r[k] for k in keys] for r in theirs]
 
 
 def interrupt_at_step(

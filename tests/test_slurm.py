@@ -55,19 +55,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
         started.stop()
 
 
-def job_env(cluster: SlurmCluster) -> dict[str, str]:
+def job_env(cluster: SlurmCluster, **extra: str) -> dict[str, str]:
     """What sbatch passes on to the job (--export=ALL): this python, the test cluster."""
     return experiment_env(
-        SLURM_CONF=cluster.env["SLURM_CONF"], PYTHON=sys.executable, OMP_NUM_THREADS="1"
+        SLURM_CONF=cluster.env["SLURM_CONF"], PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra
     )
 
 
-def sbatch(cluster: SlurmCluster, *args: str) -> str:
+def sbatch(cluster: SlurmCluster, *args: str, **env: str) -> str:
     """Submit from the repo root, as a user does; the job id."""
     result = subprocess.run(
         ["sbatch", "--parsable", *args],
         cwd=REPO_ROOT,
-        env=job_env(cluster),
+        env=job_env(cluster, **env),
         capture_output=True,
         text=True,
         timeout=30,
@@ -191,6 +191,51 @@ def test_usr1_checkpoints_requeues_and_the_restart_resumes_to_the_end(
     assert len(history) == (no_gain[0] + 1 if no_gain else 4), val_losses
     assert ("early stopping: no val/loss improvement" in text) == bool(no_gain), text
     assert results["global_step"] == history[-1]["step"] > step
+
+
+def test_the_time_limit_itself_sends_the_notice_and_the_job_requeues(
+    cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """Nobody signals by hand: ``--time=1`` with the notice 50 s before the limit, and Slurm's
+    own time-limit check sends USR1 (it runs about every 30 s, so 10-40 s in). Meanwhile a
+    user-style experiment trains slowly (its steps sleep: little CPU). The restart resumes;
+    then a plain scancel ends the job for good (checkpoint, not requeued)."""
+    job_id = sbatch(
+        cluster,
+        *CPU_JOB,
+        "--time=1",
+        "--signal=B:USR1@50",
+        f"--output={tmp_path}/%x_%j.out",
+        TRAIN,
+        "tests/support/tiny_lm_experiment.py",
+        f"paths.output_dir={tmp_path / 'out'}",
+        "trainer.max_epochs=1000",
+        TINY_LM_STEP_SECONDS="0.1",
+    )
+    run_dir = tmp_path / "out" / f"tiny_lm_experiment-{job_id}"
+    deadline = time.monotonic() + 120
+    while "[trainer] resuming from" not in log_text(job_log(tmp_path, job_id)):
+        state = cluster.job(job_id).get("JobState")
+        assert state not in ENDED and time.monotonic() < deadline, (
+            f"{state}: {log_text(job_log(tmp_path, job_id))}"
+        )
+        time.sleep(0.5)
+    cluster.run("scancel", job_id)
+    fields = wait_for_end(cluster, job_id, job_log(tmp_path, job_id))
+    text = log_text(job_log(tmp_path, job_id))
+    assert (fields["JobState"], fields["Restarts"]) == ("CANCELLED", "1"), text
+
+    first_run = text.split(f"[slurm] job {job_id} restart 1 ")[0]
+    assert first_run.count("[slurm] SIGUSR1 received") == 1, text  # the notice, mid-run
+    saved = re.findall(r"saved checkpoint at step (\d+); re-run to resume", first_run)
+    assert len(saved) == 1, text
+    step = int(saved[0])
+    assert "[slurm] stopped after SIGUSR1 (exit 75)" in first_run
+    assert f"[slurm] requeued job {job_id}: restart 1 resumes run {run_dir.name}" in text
+    checkpoint = run_dir / "checkpoints" / f"step_{step:09d}.pt"
+    assert f"resuming from {checkpoint} at step {step} " in text
+    # The scancel: SIGTERM from Slurm and again from the batch script; one clean stop.
+    assert "[slurm] stopped by SIGTERM (exit 75; checkpoint saved; " in text, text
 
 
 def test_multinode_template_on_one_node_stops_the_srun_step_and_resumes(

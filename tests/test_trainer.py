@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,9 @@ from src.data.resumable_sampler import ResumableSampler
 from src.data.synthetic import make_classification, split
 from src.models import build_model
 from src.trainers.interruptible_trainer import InterruptibleTrainer, lr_factor
+from src.utils.paths import REPO_ROOT
 from src.utils.rng import seed_everything
+from src.utils.signals import EXIT_INTERRUPTED, exit_after_stop
 
 
 def make_trainer(tmp_path: Path, *overrides: str) -> tuple[InterruptibleTrainer, object]:
@@ -125,7 +129,10 @@ def test_signal_inside_fit_stops_at_a_step_boundary(tmp_path: Path) -> None:
     assert result.interrupted and result.signal_name == "SIGUSR1"
     assert result.global_step == 13
     assert trainer.checkpoints.latest_path().name == "step_000000013.pt"
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+    # After a stop a duplicate of the signal ends the process with 75 (see below).
+    assert signal.getsignal(signal.SIGUSR1) is exit_after_stop
+    for sig in (signal.SIGUSR1, signal.SIGTERM):  # this pytest process goes on
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def test_sampler_resumes_mid_epoch_and_shards_by_rank() -> None:
@@ -236,3 +243,28 @@ def test_gpu_stats_reach_tensorboard_and_the_epoch_line_and_warn_once(
     assert util and set(util) == {5.0}
     assert {event.value for event in events.Scalars("gpu/memory_used_gb")} == {12.5}
     assert trainer.gpu_sampler is not None and trainer.gpu_sampler._thread is None  # stopped
+
+
+def test_after_a_stop_a_duplicate_signal_ends_the_process_with_75() -> None:
+    """scancel signals every process of a job and the batch script passes the signal on too:
+    once the stop is saved, a late duplicate must not turn exit 75 into death by signal."""
+    script = """if True:
+        import os, signal
+        from src.utils.signals import StopRequest
+        untouched = StopRequest([signal.SIGUSR1]).install()
+        untouched.restore()  # no stop: the previous handler comes back
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+        stop = StopRequest([signal.SIGUSR1, signal.SIGINT]).install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested and stop.signal_name == "SIGUSR1"
+        stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C as ever
+        print("saved", flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)  # the duplicate, after the save
+        print("not reached")
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == EXIT_INTERRUPTED, result.stderr
+    assert result.stdout == "saved\n" and result.stderr.count("SIGUSR1 received") == 1

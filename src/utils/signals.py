@@ -8,6 +8,7 @@ step, saves, and exits with EXIT_INTERRUPTED. A second Ctrl-C aborts at once
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import signal
@@ -59,7 +60,18 @@ class StopRequest:
         return self
 
     def restore(self) -> None:
+        """Put the previous handlers back. After a stop, in a script, the stop signals other
+        than SIGINT get ``exit_after_stop`` instead: the checkpoint is durable, and a
+        duplicate of the signal (``scancel`` reaches every process of a job and the Slurm
+        batch script passes it on too) must end the process with 75, not kill it by signal
+        (exit 143). A kernel gets its handlers back: it lives on after the cell."""
+        after_stop = self.requested and "ipykernel" not in sys.modules
         for sig, previous in self._previous.items():
+            if after_stop and sig != signal.SIGINT:
+                previous = exit_after_stop
+                # Python puts SIG_DFL back in place of Python handlers while the interpreter
+                # shuts down (seconds, with torch loaded): ignore the signal from atexit on.
+                atexit.register(signal.signal, sig, signal.SIG_IGN)
             signal.signal(sig, previous)  # type: ignore[arg-type]
         self._previous.clear()
 
@@ -89,6 +101,18 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+def exit_after_stop(signum: int, frame: FrameType | None) -> NoReturn:
+    """A stop signal once the stop checkpoint is durable: end now, as the stop would have.
+
+    A Python handler, not SIG_IGN, which child processes would inherit."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, RuntimeError, ValueError):  # closed, or flushing when signalled
+            pass
+    os._exit(EXIT_INTERRUPTED)
 
 
 def ignore_stop_signals(signal_names: Iterable[str], worker_id: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""The download manifest: the remote listing command, parsing, comparing, atomic write/read."""
+"""The download manifest: the remote listing commands, parsing, comparing, atomic write/read."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ import pytest
 from src.storage.manifest import (
     FileEntry,
     Manifest,
+    RemoteListingError,
     build_local_entries,
     compare_entries,
     covers,
     find_manifests,
+    list_remote_entries,
     manifest_path,
-    parse_remote_listing,
+    parse_hash_listing,
+    parse_stat_listing,
     read_manifest,
-    remote_listing_command,
+    remote_stat_command,
     verify_local,
     write_manifest,
 )
@@ -27,12 +30,13 @@ from tests.support.sync_helpers import make_tree
 ODD_NAMES = {"a.txt": 10, "dir/with space.bin": 2000, "dir/new\nline": 5, "back\\slash": 7}
 
 
-def listing_of(directory: Path) -> list[FileEntry]:
+def local_shell(command: str, stdin: bytes | None) -> subprocess.CompletedProcess:
     """Run the exact command ssh would run, with a local shell."""
-    result = subprocess.run(
-        ["sh", "-c", remote_listing_command(str(directory))], capture_output=True, check=True
-    )
-    return parse_remote_listing(result.stdout)
+    return subprocess.run(["sh", "-c", command], input=stdin, capture_output=True)
+
+
+def listing_of(directory: Path) -> list[FileEntry]:
+    return list_remote_entries(local_shell, str(directory))[0]
 
 
 def test_remote_listing_matches_local_hashes_even_for_odd_names(tmp_path: Path) -> None:
@@ -64,9 +68,11 @@ def test_covers_means_the_root_or_a_parent_of_it() -> None:
 
 def test_remote_listing_of_missing_dir_exits_3(tmp_path: Path) -> None:
     result = subprocess.run(
-        ["sh", "-c", remote_listing_command(str(tmp_path / "nope"))], capture_output=True
+        ["sh", "-c", remote_stat_command(str(tmp_path / "nope"))], capture_output=True
     )
     assert result.returncode == 3 and b"no such directory" in result.stderr
+    with pytest.raises(RemoteListingError, match="does not exist"):
+        listing_of(tmp_path / "nope")
 
 
 def test_quoting_survives_hostile_dir_names(tmp_path: Path) -> None:
@@ -77,10 +83,17 @@ def test_quoting_survives_hostile_dir_names(tmp_path: Path) -> None:
 
 
 def test_parse_rejects_inconsistent_listing() -> None:
-    with pytest.raises(ValueError, match="appeared or vanished"):
-        parse_remote_listing(b"S 3 a\0")
+    def vanished(command: str, stdin: bytes | None) -> subprocess.CompletedProcess:
+        """a is listed, then gone before it is hashed: sha256sum has nothing for it."""
+        out = b"S 3 1.0 1.0 7 8 a\0" if stdin is None else b""
+        return subprocess.CompletedProcess(command, 0, out, b"")
+
+    with pytest.raises(RemoteListingError, match="appeared or vanished"):
+        list_remote_entries(vanished, "/r")
     with pytest.raises(ValueError, match="unexpected line"):
-        parse_remote_listing(b"garbage\0")
+        parse_stat_listing(b"garbage\0")
+    with pytest.raises(ValueError, match="unexpected line"):
+        parse_hash_listing(b"garbage\0")
 
 
 def test_compare_reports_missing_size_and_checksum() -> None:

@@ -3,7 +3,7 @@
 Defined once here because two things depend on it: ``scripts/sync_outputs.sh`` writes it after
 checking every file against the remote, and ``launch_vast.py destroy`` refuses to delete an
 instance unless its manifest still matches both the remote and the local copies. The remote
-side is listed by one SSH command (GNU ``find -printf`` and ``sha256sum -z``, which needs GNU
+side is listed by SSH commands (GNU ``find -printf`` and ``sha256sum -z``, which needs GNU
 coreutils >= 8.30: Debian 10+, Ubuntu 20.04+), so no Python is needed on the instance.
 
 Symlinks are followed on both sides (``find -L`` here, ``rsync --copy-links`` in the sync):
@@ -151,20 +151,11 @@ def _cd_or_exit_3(remote_dir: str) -> str:
     return f"cd -- {quoted} 2>/dev/null || {{ echo 'no such directory: '{quoted} >&2; exit 3; }}; "
 
 
-def remote_listing_command(remote_dir: str) -> str:
-    """Shell command (run through ssh) printing size and sha256 of every file, NUL-separated.
+def remote_stat_command(remote_dir: str) -> str:
+    """Shell command printing size and stat key of every file, no hashing.
 
     ``-L`` follows symlinks, as ``rsync --copy-links`` does, so a linked folder's files are
-    listed (and must be home) like any other. Exit status 3 means the directory does not exist.
-    """
-    return (
-        _cd_or_exit_3(remote_dir) + "find -L . -type f -printf 'S %s %P\\0' && "
-        "find -L . -type f -exec sha256sum -z -- {} +"
-    )
-
-
-def remote_stat_command(remote_dir: str) -> str:
-    """Shell command printing size and stat key of every file (``find -L``), no hashing.
+    listed (and must be home) like any other.
 
     Record: ``S <size> <mtime> <ctime> <inode> <device> <path>``, NUL-terminated. Exit 3: no
     such directory.
@@ -198,28 +189,6 @@ def covers(synced_dir: str, outputs_root: str) -> bool:
     if not synced or not root:
         return False
     return root == synced or root.startswith(synced.rstrip("/") + "/")
-
-
-def parse_remote_listing(output: bytes) -> list[FileEntry]:
-    """Join the size and hash records of ``remote_listing_command``; ValueError if inconsistent."""
-    sizes: dict[str, int] = {}
-    hashes: dict[str, str] = {}
-    for record in output.split(b"\0"):
-        if not record:
-            continue
-        text = record.decode("utf-8", errors="surrogateescape")
-        if text.startswith("S "):
-            size, _, path = text[2:].partition(" ")
-            sizes[path] = int(size)
-            continue
-        match = _HASH_LINE.match(text)
-        if not match:
-            raise ValueError(f"unexpected line in the remote listing: {text[:80]!r}")
-        hashes[match.group(2)] = match.group(1)
-    if sizes.keys() != hashes.keys():
-        changed = sorted(sizes.keys() ^ hashes.keys())[0]
-        raise ValueError(f"remote file {changed} appeared or vanished while it was being listed")
-    return [FileEntry(path, sizes[path], hashes[path]) for path in sorted(sizes)]
 
 
 def parse_stat_listing(output: bytes) -> dict[str, tuple[int, str]]:

@@ -40,7 +40,6 @@ from src.storage.manifest import (
     manifest_dir,
     normalize_remote_dir,
     read_hash_cache,
-    remote_listing_command,
     verify_local,
 )
 from src.storage.output_sync import DEFAULT_REMOTE_DIR, REMOTE_DIR_ENV, SSH_OPTS_ENV, load_settings
@@ -56,11 +55,9 @@ class GateResult:
     manifests: list[Path] = field(default_factory=list)
 
 
-def remote_command_args(
-    manifest: Manifest, environ: Mapping[str, str], command: str | None = None
-) -> list[str]:
-    """The ssh argv that reaches the synced host as the sync did, pinned to its address.
-    ``command``: the remote command (default: the full size + sha256 listing)."""
+def remote_command_args(manifest: Manifest, environ: Mapping[str, str], command: str) -> list[str]:
+    """The ssh argv running ``command`` on the synced host as the sync reached it, pinned to
+    its address."""
     return [
         "ssh",
         *shlex.split(environ.get(SSH_OPTS_ENV, "")),
@@ -78,7 +75,7 @@ def remote_command_args(
         "StrictHostKeyChecking=accept-new",
         # The alias (or user@host) the sync was given: its Host block applies again.
         manifest.host,
-        command if command is not None else remote_listing_command(manifest.remote_dir),
+        command,
     ]
 
 

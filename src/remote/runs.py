@@ -9,7 +9,8 @@ connection or been killed), so ``--status`` and ``--attach`` read everything fro
         <session>.<i>.exit    written when it ends (exit code, signal) or is skipped
     <run dir>/remote_train.log   everything the run printed (tee'd from the tmux pane)
 
-Standard library only: the agent imports this with whatever interpreter the host has.
+Standard library only (and src.utils modules that are): the agent imports this with whatever
+interpreter the host has.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from src.utils.atomic_io import atomic_write_bytes
+from src.utils.signals import EXIT_ABORTED, EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
 
 REGISTRY_DIR = ".remote_runs"
 LOG_NAME = "remote_train.log"
 # Exit codes of experiments (README "Interrupt and resume"), and what remote_train calls them.
-EXIT_DONE, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BUDGET, EXIT_ABORTED = 0, 2, 75, 76, 130
-FINISHED_ON_PURPOSE = {EXIT_DONE, EXIT_BUDGET}  # ends after which stop/destroy may go ahead
+# EXIT_CONFIG is src.config's EXIT_CONFIG_ERROR, not imported: that module needs omegaconf,
+# and --status must work on a host the install stage has not reached yet.
+EXIT_DONE, EXIT_CONFIG = 0, 2
+# Ends after which --stop-after / --destroy-after may go ahead.
+FINISHED_ON_PURPOSE = {EXIT_DONE, EXIT_BUDGET_REACHED}
 _STEP = re.compile(rb"(?:\| *|step )(\d+)/(\d+)")
 
 
@@ -77,7 +82,7 @@ def describe_exit(exit_code: int | None, signal_name: str | None = None) -> str:
     return {
         EXIT_DONE: "done",
         EXIT_INTERRUPTED: "interrupted",
-        EXIT_BUDGET: "stopped (budget reached)",
+        EXIT_BUDGET_REACHED: "stopped (budget reached)",
         EXIT_CONFIG: "failed (config error or run in use)",
         EXIT_ABORTED: "aborted",
     }.get(exit_code, "crashed")

@@ -19,7 +19,6 @@ from typing import TextIO
 STAGES = ("connect", "sync", "install", "train", "retrieve", "verify", "shutdown", "export")
 STAGE_EXIT = {name: 10 + index for index, name in enumerate(STAGES)}
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 75  # a run was interrupted (checkpoint saved): outputs home, not stopped
 EXIT_DETACHED = 130  # Ctrl-C: training goes on on the host
 
 

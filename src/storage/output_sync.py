@@ -300,29 +300,21 @@ def check_remote_links(session: SshSession, host: str, remote_dir: str) -> None:
 
 
 def verify(
-    session: SshSession, remote_dir: str, local_dir: Path, cache: HashCache | None = None
-) -> tuple[list[FileEntry], list[str]]:
-    """(remote entries, problems) after hashing both sides. With ``cache``, hashes whose stat
-    key is unchanged are reused, and ``cache`` is refreshed in place; None hashes everything."""
-    entries, problems, _ = _verify_counting(session, remote_dir, local_dir, cache)
-    return entries, problems
-
-
-def _verify_counting(
-    session: SshSession, remote_dir: str, local_dir: Path, cache: HashCache | None
+    session: SshSession, remote_dir: str, local_dir: Path, cache: HashCache
 ) -> tuple[list[FileEntry], list[str], int]:
-    remote_cache, local_cache = (cache.remote, cache.local) if cache else (None, None)
+    """(remote entries, problems, files hashed) after hashing both sides. Hashes whose stat
+    key is unchanged in ``cache`` are reused (an empty cache hashes everything), and
+    ``cache`` is refreshed in place."""
     try:
         remote_entries, remote_fresh, remote_hashed = list_remote_entries(
-            lambda command, stdin: session.run(command, input=stdin), remote_dir, remote_cache
+            lambda command, stdin: session.run(command, input=stdin), remote_dir, cache.remote
         )
     except RemoteListingError as error:
         raise SyncError("verify", str(error)) from None
     local_entries, local_fresh, local_hashed = hash_local_files(
-        local_dir, [e.path for e in remote_entries], local_cache
+        local_dir, [e.path for e in remote_entries], cache.local
     )
-    if cache is not None:
-        cache.remote, cache.local = remote_fresh, local_fresh
+    cache.remote, cache.local = remote_fresh, local_fresh
     problems = compare_entries(remote_entries, local_entries)
     return remote_entries, problems, remote_hashed + local_hashed
 
@@ -354,7 +346,7 @@ def verify_and_record(
     cache = read_hash_cache(path, str(local_dir), remote_dir)
     if verify_all:
         cache.local, cache.remote = {}, {}
-    remote_entries, problems, hashed = _verify_counting(session, remote_dir, local_dir, cache)
+    remote_entries, problems, hashed = verify(session, remote_dir, local_dir, cache)
     manifest = Manifest(
         host=session.host,
         ssh_hostname=hostname,

@@ -5,7 +5,7 @@ export PYTHON
 # (-p no:benchmark: a pytest-benchmark plugin some images carry would warn under xdist.)
 TEST_WORKERS ?= 2
 
-.PHONY: help setup train test lint format bench tensorboard clean
+.PHONY: help setup train test lint format bench gpu-check tensorboard clean
 
 help:  ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ lint:  ## ruff check + format check
 format:  ## apply ruff fixes and formatting
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
+
+gpu-check:  ## on a GPU box: pytest -m gpu, check_instance and the GPU benchmarks -> benchmarks/results/
+	$(PYTHON) benchmarks/gpu_check.py
 
 tensorboard:  ## TensorBoard for every run on port 6006 (ssh_config's LocalForward: http://localhost:8080)
 	$(PYTHON) -m tensorboard.main --port 6006 --logdir "$${LOGDIR:-$$($(PYTHON) -c 'from src.utils.paths import resolve_output_dir; print(resolve_output_dir())')}"

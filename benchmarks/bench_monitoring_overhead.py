@@ -53,7 +53,12 @@ def use_stand_in_nvml(work: Path) -> None:
 
 
 def steady_steps_per_second(
-    output_dir: Path, steps: int, monitors: bool, device: str, log_every: int = 5
+    output_dir: Path,
+    steps: int,
+    monitors: bool,
+    device: str,
+    log_every: int = 5,
+    wandb: bool = True,
 ) -> float:
     overrides = [
         f"paths.output_dir={output_dir}",
@@ -69,7 +74,7 @@ def steady_steps_per_second(
         "data.batch_size=256",
         "model.hidden_dim=256",
         f"logging.tensorboard={monitors}",
-        f"logging.use_wandb={monitors}",
+        f"logging.use_wandb={monitors and wandb}",
         "logging.wandb_mode=offline",
         f"logging.gpu_stats={monitors}",
         f"cost.hourly_rate_usd={2.5 if monitors else 'null'}",
@@ -82,6 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--log-every", type=int, default=5, help="trainer.log_every_n_steps")
+    parser.add_argument("--no-wandb", action="store_true", help="leave W&B out of the 'on' side")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,12 +101,14 @@ def main() -> None:
             nvml = "stand-in NVML (no driver here)"
         print(
             f"device {device}, {nvml}, {args.steps} steps x {args.repeats} repeats, "
-            f"logging every {args.log_every} steps"
+            f"logging every {args.log_every} steps" + (", W&B off" if args.no_wandb else "")
         )
         ratios, off_speeds, on_speeds = [], [], []
         for repeat in range(args.repeats):
             off = steady_steps_per_second(work, args.steps, False, device, args.log_every)
-            on = steady_steps_per_second(work, args.steps, True, device, args.log_every)
+            on = steady_steps_per_second(
+                work, args.steps, True, device, args.log_every, wandb=not args.no_wandb
+            )
             off_speeds.append(off)
             on_speeds.append(on)
             ratios.append(on / off)

@@ -64,6 +64,9 @@ def main() -> None:
             f"model.hidden_dim={args.hidden}",
             f"model.num_layers={args.layers}",
             "checkpoint.every_n_steps=100000",
+            "trainer.max_steps=1000000",  # on a GPU the dev config's steps end within the warm-up
+            "trainer.max_epochs=1000",
+            "trainer.early_stopping_patience=0",
             "trainer.progress_bar=false",
             "logging.tensorboard=false",
         ]

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from src.data.batches import move_to_device
+
 DEFAULT_MARGIN = 0.1  # use 90% of the largest size that fitted
 
 
@@ -105,7 +107,7 @@ def find_max_batch_size(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     limit: int | None = None,
     margin: float = DEFAULT_MARGIN,
-    move: Callable[[Any, torch.device], Any] | None = None,
+    move: Callable[[Any, torch.device], Any] = move_to_device,
 ) -> BatchSearch:
     """Try forward+backward of ``train_step(model, batch)`` (returns the loss) at growing sizes.
 
@@ -124,8 +126,7 @@ def find_max_batch_size(
         batch = None
         try:
             batch = sample_batch(dataset, size, collate_fn)
-            if move is not None:
-                batch = move(batch, device)
+            batch = move(batch, device)
             train_step(model, batch).backward()
             torch.cuda.synchronize(device)
             return True

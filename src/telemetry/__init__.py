@@ -1,0 +1,1 @@
+"""Measuring the machine: what the rented GPU, its link, the disk and the bucket deliver."""

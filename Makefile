@@ -32,7 +32,7 @@ gpu-check:  ## on a GPU box: pytest -m gpu, check_instance and the GPU benchmark
 	$(PYTHON) benchmarks/gpu_check.py
 
 tensorboard:  ## TensorBoard for every run on port 6006 (ssh_config's LocalForward: http://localhost:8080)
-	$(PYTHON) -m tensorboard.main --port 6006 --logdir "$${LOGDIR:-$$($(PYTHON) -c 'from src.utils.paths import resolve_output_dir; print(resolve_output_dir())')}"
+	$(PYTHON) -m tensorboard.main --port 6006 --logdir "$${LOGDIR:-$$($(PYTHON) -c 'from src.common.paths import resolve_output_dir; print(resolve_output_dir())')}"
 
 bench:  ## run the benchmarks (prints ratios against their baselines)
 	for b in benchmarks/bench_*.py; do $(PYTHON) $$b || exit 1; done

@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch
 
+from src.common.signals import EXIT_INTERRUPTED
 from src.utils.checkpoint_manager import CheckpointManager
-from src.utils.signals import EXIT_INTERRUPTED
 
 
 def baseline_save_seconds(numel: int, directory: Path) -> float:

@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from src.common.rng import seed_everything
 from src.config import DEV_CONFIG, experiment_schema, load_config
 from src.data.batches import move_to_device
 from src.data.char_text import CharTextDataConfig, build_char_datasets, pad_batch
@@ -52,7 +53,6 @@ from src.data.synthetic import make_classification, split
 from src.models import build_model
 from src.models.char_gpt import CharGPT, CharGPTConfig, lm_step, make_optimizer
 from src.trainers.interruptible_trainer import InterruptibleTrainer, lr_factor
-from src.utils.rng import seed_everything
 
 
 @dataclass

@@ -11,11 +11,11 @@ import time
 
 import torch
 
+from src.common.rng import seed_everything
 from src.config import DEV_CONFIG, load_config
 from src.data.synthetic import make_classification, split
 from src.models import build_model
 from src.trainers.interruptible_trainer import InterruptibleTrainer, default_train_step
-from src.utils.rng import seed_everything
 
 
 def timed_template_fit(

@@ -50,8 +50,8 @@ print(f"data: {data.num_chars:,} chars from {len(data.files)} files, {len(vocab)
 print(f"samples: {len(train_set)} train / {len(val_set)} val / {len(test_set)} test")
 
 # %% Model
+from src.common.rng import seed_everything
 from src.models.char_gpt import CharGPT
-from src.utils.rng import seed_everything
 
 seed_everything(cfg.seed)  # same initial weights for the same seed
 model = CharGPT(CharGPTConfig(**cfg.model), vocab_size=len(vocab))
@@ -60,9 +60,9 @@ print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
 # %% Train (resumes automatically if this run has checkpoints)
 from functools import partial
 
+from src.common.signals import exit_interrupted
 from src.models.char_gpt import lm_step, make_optimizer
 from src.trainers.interruptible_trainer import InterruptibleTrainer
-from src.utils.signals import exit_interrupted
 
 trainer = InterruptibleTrainer(
     cfg,

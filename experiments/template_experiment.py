@@ -43,16 +43,16 @@ train_set, val_set, test_set = split(
 print(f"data: {len(train_set)} train / {len(val_set)} val / {len(test_set)} test")
 
 # %% Model
+from src.common.rng import seed_everything
 from src.models import build_model
-from src.utils.rng import seed_everything
 
 seed_everything(cfg.seed)  # same initial weights for the same seed
 model = build_model(cfg.model, cfg.data.num_features, cfg.data.num_classes)
 print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
 
 # %% Train (resumes automatically if this run has checkpoints)
+from src.common.signals import exit_interrupted
 from src.trainers.interruptible_trainer import InterruptibleTrainer
-from src.utils.signals import exit_interrupted
 
 trainer = InterruptibleTrainer(cfg, model, train_set, val_set)
 result = trainer.fit()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from src.common.paths import DEFAULT_PERSISTENT_DIR, resolve_output_dir
 from src.config import load_dotenv_file
-from src.utils.paths import DEFAULT_PERSISTENT_DIR, resolve_output_dir
 from src.vast.autostop import (
     DEFAULT_INTERVAL_S,
     DEFAULT_UTIL_PERCENT,

@@ -25,13 +25,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from src.common.errors import EXIT_CONFIG_ERROR, ConfigError
+from src.common.paths import DEFAULT_PERSISTENT_DIR, REPO_ROOT
 from src.data.splits import split_sizes
-from src.utils.paths import DEFAULT_PERSISTENT_DIR, REPO_ROOT
 
 CONFIG_DIR = REPO_ROOT / "configs"
 DEV_CONFIG = CONFIG_DIR / "dev_config.yaml"
 PROD_CONFIG = CONFIG_DIR / "prod_config.yaml"
-EXIT_CONFIG_ERROR = 2
 AUTO_BATCH_SIZE = "auto"  # data.batch_size: the largest that fits the GPU
 # S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting and ending with a
 # letter or digit (AWS's rules; S3-compatible stores accept the same).
@@ -228,17 +228,6 @@ def experiment_schema(model: type | None = None, data: type | None = None) -> ty
     )
 
 
-class ConfigError(ValueError):
-    """A config problem, worded as one line that says what is wrong and how to fix it."""
-
-    label = "config error"  # how a script prints it: "<label>: <message>", then exit 2
-
-    @property
-    def line(self) -> str:
-        """The one line a script prints before exiting with EXIT_CONFIG_ERROR."""
-        return f"{self.label}: {self}"
-
-
 def _env_flag(name: str, default: bool) -> bool:
     value = os.environ.get(name)
     if value is None or value.strip() == "":
@@ -380,7 +369,7 @@ _MISSING = object()
 
 
 def _is_signal_name(name: str) -> bool:
-    from src.utils.signals import parse_signals
+    from src.common.signals import parse_signals
 
     try:
         parse_signals([name])
@@ -552,7 +541,7 @@ def check_runtime(cfg: DictConfig) -> None:
 
 def check_output_dir(cfg: DictConfig) -> None:
     """Fail before any run starts if outputs could not be written (checked, not assumed)."""
-    from src.utils.paths import resolve_output_dir
+    from src.common.paths import resolve_output_dir
 
     try:
         run_dir = resolve_output_dir(cfg.paths.output_dir) / cfg.run_name

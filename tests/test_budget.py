@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from src.utils.signals import EXIT_BUDGET_REACHED
+from src.common.signals import EXIT_BUDGET_REACHED
 from tests.support.experiment import experiment_env, newest_checkpoint_step, run_experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from src.utils.signals import EXIT_INTERRUPTED
+from src.common.signals import EXIT_INTERRUPTED
 from tests.support.experiment import (
     REPO_ROOT,
     assert_bit_identical,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.common.signals import EXIT_INTERRUPTED
 from src.trainers.interruptible_trainer import InterruptibleTrainer
-from src.utils.signals import EXIT_INTERRUPTED
 from tests.support.experiment import (
     REPO_ROOT,
     newest_checkpoint_step,

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from src.common.signals import EXIT_INTERRUPTED
 from src.config import ConfigError
 from src.sweeps.hparam import SweepSpec, expand_trials, load_sweep
-from src.utils.signals import EXIT_INTERRUPTED
 from tests.support.experiment import experiment_env, newest_checkpoint_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

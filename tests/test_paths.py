@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from src.utils import paths
-from src.utils.paths import VOLUME_ROOT, resolve_persistent_dir
+from src.common import paths
+from src.common.paths import VOLUME_ROOT, resolve_persistent_dir
 
 
 @pytest.mark.skipif(VOLUME_ROOT.is_dir(), reason="this machine has a /workspace volume")

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from src.common.paths import VOLUME_ROOT
 from src.config import ConfigError
 from src.sweeps.residual_compare import (
     ModelPair,
@@ -26,7 +27,6 @@ from src.sweeps.residual_compare import (
     sanitize_model_id,
 )
 from src.utils.gpu_monitor import check_guardrail, detect_gpus
-from src.utils.paths import VOLUME_ROOT
 from tests.support.residual_tiny_models import NUM_LAYERS, PROMPTS, build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from src.utils.signals import EXIT_INTERRUPTED
+from src.common.signals import EXIT_INTERRUPTED
 from tests.support.experiment import (
     assert_bit_identical,
     assert_same_history,

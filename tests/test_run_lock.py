@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from src.common.signals import EXIT_INTERRUPTED
 from src.utils.run_lock import LOCK_NAME, RunInUseError, acquire_run_lock
-from src.utils.signals import EXIT_INTERRUPTED
 from tests.support.experiment import (
     newest_checkpoint_step,
     run_experiment,

@@ -22,10 +22,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from src.common.signals import EXIT_INTERRUPTED
 from src.storage.checkpoint_mirror import LEASE_NAME, MirrorInUseError
 from src.storage.s3 import S3SettingError
 from src.utils.checkpoint_manager import CheckpointManager
-from src.utils.signals import EXIT_INTERRUPTED
 from tests.support.experiment import (
     REPO_ROOT,
     assert_bit_identical,

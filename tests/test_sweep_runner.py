@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from src.common.signals import EXIT_INTERRUPTED
 from src.sweeps.runner import Task, exit_code, format_table, run_tasks, summary_table
-from src.utils.signals import EXIT_INTERRUPTED
 
 PY = sys.executable
 

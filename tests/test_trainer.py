@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.common.paths import REPO_ROOT
+from src.common.rng import seed_everything
+from src.common.signals import EXIT_INTERRUPTED, exit_after_stop
 from src.config import DEV_CONFIG, load_config
 from src.data.resumable_sampler import ResumableSampler
 from src.data.synthetic import make_classification, split
 from src.models import build_model
 from src.trainers.interruptible_trainer import InterruptibleTrainer, lr_factor
-from src.utils.paths import REPO_ROOT
-from src.utils.rng import seed_everything
-from src.utils.signals import EXIT_INTERRUPTED, exit_after_stop
 
 
 def make_trainer(tmp_path: Path, *overrides: str) -> tuple[InterruptibleTrainer, object]:
@@ -250,7 +250,7 @@ def test_after_a_stop_a_duplicate_signal_ends_the_process_with_75() -> None:
     once the stop is saved, a late duplicate must not turn exit 75 into death by signal."""
     script = """if True:
         import os, signal
-        from src.utils.signals import StopRequest
+        from src.common.signals import StopRequest
         untouched = StopRequest([signal.SIGUSR1]).install()
         untouched.restore()  # no stop: the previous handler comes back
         assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL

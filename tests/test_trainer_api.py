@@ -14,13 +14,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from src.common.rng import capture_rng_state, restore_rng_state
 from src.config import DEV_CONFIG, ConfigError, load_config
 from src.data.batches import batch_size_of, move_to_device
 from src.data.loaders import SeededBatchSampler, make_loader, mix_seed
 from src.data.resumable_sampler import ResumableSampler
 from src.trainers.interruptible_trainer import InterruptibleTrainer, should_load_scaler
 from src.utils import distributed
-from src.utils.rng import capture_rng_state, restore_rng_state
 from src.utils.run_io import check_resume_settings
 from tests.test_trainer import make_trainer
 

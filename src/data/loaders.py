@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from src.common.rng import seed_everything
 from src.data.resumable_sampler import ResumableSampler
-from src.utils.rng import seed_everything
 
 EVAL_EPOCH = -1  # the epoch number that evaluation loaders seed with
 

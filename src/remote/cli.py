@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from src.common.paths import REPO_ROOT
+from src.common.signals import EXIT_INTERRUPTED  # a run was interrupted: outputs home, not stopped
 from src.remote.code_sync import ENV_FILE, push_code
 from src.remote.connection import Probe, open_session, probe
 from src.remote.host import RemoteHost
 from src.remote.runs import FINISHED_ON_PURPOSE, RunSpec, session_name
 from src.remote.stages import EXIT_DETACHED, EXIT_USAGE, StageError, StageReporter
 from src.storage.output_sync import SyncError, load_settings, transfer, verify_and_record
-from src.utils.paths import REPO_ROOT
-from src.utils.signals import EXIT_INTERRUPTED  # a run was interrupted: outputs home, not stopped
 
 SCRIPT = "python scripts/remote_train.py"
 ATTACH_TAIL_BYTES = 4096

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from src.common.paths import DEFAULT_PERSISTENT_DIR, LOCAL_FALLBACK_DIR, resolve_persistent_dir
 from src.config import (
     DEV_CONFIG,
     PROD_CONFIG,
@@ -25,7 +26,6 @@ from src.config import (
     load_dotenv_file,
     parse_cli,
 )
-from src.utils.paths import DEFAULT_PERSISTENT_DIR, LOCAL_FALLBACK_DIR, resolve_persistent_dir
 
 
 def _string_parts(node: ast.AST) -> list[str]:

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.utils.atomic_io import atomic_write_bytes
-from src.utils.signals import EXIT_ABORTED, EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
+from src.common.atomic_io import atomic_write_bytes
+from src.common.signals import EXIT_ABORTED, EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
 
 REGISTRY_DIR = ".remote_runs"
 LOG_NAME = "remote_train.log"

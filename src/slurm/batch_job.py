@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
-from src.utils.signals import EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
+from src.common.signals import EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
 
 EXIT_USAGE = 2
 SINGLE, TORCHRUN, MULTINODE = "single", "torchrun", "multinode"

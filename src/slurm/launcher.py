@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from src.common.paths import REPO_ROOT
 from src.config import (
     ConfigError,
     ExperimentConfig,
@@ -30,7 +31,6 @@ from src.config import (
     load_yaml_mapping,
     rename_old_override,
 )
-from src.utils.paths import REPO_ROOT
 
 DEFAULT_LOG_DIR = "logs"
 RUN_NAME = re.compile(r"[A-Za-z0-9._=+-]+")  # a directory, a job name, a log file name

@@ -38,6 +38,8 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
+from src.common.atomic_io import sha256_file
+from src.common.console import print_note, print_warning
 from src.storage.s3 import (
     S3SettingError,
     S3SyncError,
@@ -53,8 +55,6 @@ from src.storage.s3 import (
     put_bytes,
     upload_verified,
 )
-from src.utils.atomic_io import sha256_file
-from src.utils.checkpoint_manager import print_note, print_warning
 
 MANIFEST_NAME = "manifest.json"
 LEASE_NAME = ".mirror-lease.json"

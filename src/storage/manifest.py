@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.utils.atomic_io import atomic_write_bytes, sha256_file
+from src.common.atomic_io import atomic_write_bytes, sha256_file
 
 MANIFEST_VERSION = 1
 MANIFEST_DIR_ENV = "SYNC_MANIFEST_DIR"

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.common.paths import tools_dotenv_path
 from src.storage.manifest import (
     FileEntry,
     HashCache,
@@ -49,7 +50,6 @@ from src.storage.manifest import (
     write_hash_cache,
     write_manifest,
 )
-from src.utils.paths import tools_dotenv_path
 
 EXIT_USAGE = 2
 STAGE_EXIT = {"connect": 10, "transfer": 11, "verify": 12, "upload": 13}

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from src.common.atomic_io import fsync_dir, sha256_file, temp_path_for
 from src.config import BUCKET_NAME, ConfigError
-from src.utils.atomic_io import fsync_dir, sha256_file, temp_path_for
 
 SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 SHA_METADATA = "sha256"

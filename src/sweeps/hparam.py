@@ -28,15 +28,15 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from src.config import ConfigError, describe_config_error, load_yaml_mapping
-from src.sweeps.runner import Task, TaskResult, run_tasks
-from src.utils.atomic_io import atomic_write_bytes
-from src.utils.paths import (
+from src.common.atomic_io import atomic_write_bytes
+from src.common.paths import (
     DEFAULT_PERSISTENT_DIR,
     LOCAL_FALLBACK_DIR,
     REPO_ROOT,
     resolve_persistent_dir,
 )
+from src.config import ConfigError, describe_config_error, load_yaml_mapping
+from src.sweeps.runner import Task, TaskResult, run_tasks
 from src.utils.run_io import write_json
 
 MAX_RUN_NAME = 120

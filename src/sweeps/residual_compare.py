@@ -37,15 +37,15 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from src.config import EXIT_CONFIG_ERROR, ConfigError, load_config
-from src.sweeps.runner import Task, exit_code, run_tasks, summary_table
-from src.utils.gpu_monitor import check_guardrail, cuda_index, detect_gpus, requirement_from
-from src.utils.paths import (
+from src.common.paths import (
     DEFAULT_PERSISTENT_DIR,
     LOCAL_FALLBACK_DIR,
     fallback_reason,
     resolve_persistent_dir,
 )
+from src.config import EXIT_CONFIG_ERROR, ConfigError, load_config
+from src.sweeps.runner import Task, exit_code, run_tasks, summary_table
+from src.utils.gpu_monitor import check_guardrail, cuda_index, detect_gpus, requirement_from
 from src.utils.run_io import write_json
 
 DTYPES = ("float32", "bfloat16", "float16")

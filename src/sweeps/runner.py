@@ -30,8 +30,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from src.utils.paths import REPO_ROOT
-from src.utils.signals import EXIT_ABORTED, EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
+from src.common.paths import REPO_ROOT
+from src.common.signals import EXIT_ABORTED, EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
 
 EXIT_FAILED = 1
 POLL_SECONDS = 0.05

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from src.common.paths import resolve_output_dir
 from src.storage.s3 import make_client
 from src.utils.gpu_monitor import NvmlUnavailable, nvml_session, visible_handles
-from src.utils.paths import resolve_output_dir
 
 MB = 1_000_000
 GB = 1_000_000_000

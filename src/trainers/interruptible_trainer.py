@@ -50,6 +50,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from src.common.rng import capture_rng_state, restore_rng_state, seed_everything
+from src.common.signals import (
+    EXIT_BUDGET_REACHED,
+    EXIT_INTERRUPTED,
+    StopRequest,
+    ignore_stop_signals,
+    parse_signals,
+)
 from src.config import AUTO_BATCH_SIZE, ConfigError, in_notebook, resume_settings
 from src.data.batches import batch_size_of, move_to_device
 from src.data.loaders import EVAL_EPOCH, make_loader
@@ -70,16 +78,8 @@ from src.utils.distributed import (
 )
 from src.utils.gpu_monitor import GpuSampler, cuda_index, hourly_rate, process_age_s
 from src.utils.metric_logger import MetricLogger, new_wandb_run_id
-from src.utils.rng import capture_rng_state, restore_rng_state, seed_everything
 from src.utils.run_io import check_resume_settings, prepare_run_dir, run_dir_for, write_json
 from src.utils.run_lock import acquire_run_lock
-from src.utils.signals import (
-    EXIT_BUDGET_REACHED,
-    EXIT_INTERRUPTED,
-    StopRequest,
-    ignore_stop_signals,
-    parse_signals,
-)
 
 __all__ = [
     "EXIT_BUDGET_REACHED",

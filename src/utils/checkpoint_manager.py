@@ -30,7 +30,6 @@ import copy
 import hashlib
 import json
 import os
-import sys
 import threading
 import time
 import weakref
@@ -40,7 +39,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from src.utils.atomic_io import atomic_write_bytes, fsync_dir, sha256_file, temp_path_for
+from src.common.atomic_io import atomic_write_bytes, fsync_dir, sha256_file, temp_path_for
+from src.common.console import print_note, print_warning
 
 if TYPE_CHECKING:
     from src.storage.checkpoint_mirror import CheckpointMirror, FlushReport
@@ -475,12 +475,3 @@ def _flush_at_exit(manager_ref: weakref.ref) -> None:
             manager.wait()
         except RuntimeError as error:
             print_warning(str(error))
-
-
-def print_note(message: str) -> None:
-    """One ``[checkpoint]`` line on stderr (the manager's and the S3 mirror's)."""
-    print(f"[checkpoint] {message}", file=sys.stderr, flush=True)
-
-
-def print_warning(message: str) -> None:
-    print(f"[checkpoint] warning: {message}", file=sys.stderr, flush=True)

@@ -10,9 +10,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from src.common.atomic_io import atomic_write_bytes
+from src.common.paths import resolve_output_dir
 from src.config import ConfigError, resume_settings, to_plain_dict
-from src.utils.atomic_io import atomic_write_bytes
-from src.utils.paths import resolve_output_dir
 
 
 def _finite(value: Any) -> Any:

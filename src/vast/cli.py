@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from src.utils.paths import REPO_ROOT
+from src.common.paths import REPO_ROOT
 from src.vast.client import (
     NO_KEY_HINT,
     RetryPolicy,

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from src.utils.paths import tools_dotenv_path
+from src.common.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://console.vast.ai"
 KEY_ENV = "VASTAI_API_KEY"

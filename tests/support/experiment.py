@@ -93,7 +93,7 @@ def interrupt_at_step(
     args: list[str], run_dir: Path, step: int, experiment: Path = EXPERIMENT
 ) -> None:
     """Run until a checkpoint at ``step`` exists, SIGTERM it, expect a clean interrupted exit."""
-    from src.utils.signals import EXIT_INTERRUPTED
+    from src.common.signals import EXIT_INTERRUPTED
 
     process = start_experiment(args, experiment=experiment)
     wait_for_checkpoint(process, run_dir, step)

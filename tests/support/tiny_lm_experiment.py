@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from src.common.rng import seed_everything
+from src.common.signals import exit_interrupted
 from src.config import DataConfig, in_notebook, load_experiment_config, require
 from src.trainers.interruptible_trainer import InterruptibleTrainer
-from src.utils.rng import seed_everything
-from src.utils.signals import exit_interrupted
 
 CONFIG = Path(__file__).with_name("tiny_lm.yaml")
 # The kill tests slow each training step so a signal lands mid-run on a fast or a loaded box.

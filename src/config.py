@@ -594,7 +594,7 @@ def exit_on_config_error(exc_type: type, error: BaseException, traceback: Any) -
     """sys.excepthook for scripts: a ConfigError raised later (by the trainer, which checks
     what only the model can answer, such as trainer.monitor) is still one line and exit 2."""
     if issubclass(exc_type, ConfigError):
-        from src.utils.run_lock import discard_unused_run_dirs
+        from src.runs.lock import discard_unused_run_dirs
 
         discard_unused_run_dirs()  # "nothing written": not even an empty run directory
         print_config_error(error)  # type: ignore[arg-type]
@@ -648,7 +648,7 @@ def load_experiment_config(
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         check_resume_settings(cfg, world_size)
         if not notebook and int(os.environ.get("RANK", "0")) == 0:
-            from src.utils.run_lock import acquire_run_lock
+            from src.runs.lock import acquire_run_lock
 
             acquire_run_lock(run_dir_for(cfg))  # held until this process exits
         return cfg

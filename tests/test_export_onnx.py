@@ -45,8 +45,8 @@ from src.export.specs import (
 )
 from src.models import build_model
 from src.models.char_gpt import CharGPT, CharGPTConfig
+from src.runs.lock import acquire_run_lock
 from src.trainers.interruptible_trainer import InterruptibleTrainer
-from src.utils.run_lock import acquire_run_lock
 from tests.support.experiment import experiment_env, start_experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from src.common.signals import EXIT_INTERRUPTED
-from src.utils.run_lock import LOCK_NAME, RunInUseError, acquire_run_lock
+from src.runs.lock import LOCK_NAME, RunInUseError, acquire_run_lock
 from tests.support.experiment import (
     newest_checkpoint_step,
     run_experiment,

@@ -62,6 +62,7 @@ from src.config import AUTO_BATCH_SIZE, ConfigError, in_notebook, resume_setting
 from src.data.batches import batch_size_of, move_to_device
 from src.data.loaders import EVAL_EPOCH, make_loader
 from src.data.resumable_sampler import ResumableSampler
+from src.runs.lock import acquire_run_lock
 from src.utils.batch_size import BatchSizeError, find_max_batch_size
 from src.utils.checkpoint_manager import (
     CheckpointManager,
@@ -79,7 +80,6 @@ from src.utils.distributed import (
 from src.utils.gpu_monitor import GpuSampler, cuda_index, hourly_rate, process_age_s
 from src.utils.metric_logger import MetricLogger, new_wandb_run_id
 from src.utils.run_io import check_resume_settings, prepare_run_dir, run_dir_for, write_json
-from src.utils.run_lock import acquire_run_lock
 
 __all__ = [
     "EXIT_BUDGET_REACHED",

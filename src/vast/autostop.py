@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from src.runs.lock import held_run_locks
 from src.utils.gpu_monitor import GpuStats, read_gpu_stats
-from src.utils.run_lock import held_run_locks
 from src.vast.pricing import CONTAINER_KEY_ENV, instance_id_from_env
 
 DEFAULT_UTIL_PERCENT = 5.0

@@ -17,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from src.config import ConfigError
+from src.common.errors import ConfigError
+from src.runs.layout import LOCK
 
-LOCK_NAME = ".run.lock"
+LOCK_NAME = LOCK  # the file name, for globbing many runs
 
 
 class RunInUseError(ConfigError):

@@ -24,8 +24,9 @@ except NameError:  # a plain Jupyter kernel: notebookFileRoot is the repo root
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from src.config import in_notebook, load_experiment_config
+from src.config import in_notebook
 from src.data.char_text import CharTextDataConfig
+from src.launch import load_experiment_config
 from src.models.char_gpt import CharGPTConfig
 
 # As a script: --config PATH and key=value overrides from the command line.

@@ -23,7 +23,8 @@ except NameError:  # a plain Jupyter kernel: notebookFileRoot is the repo root
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from src.config import in_notebook, load_experiment_config
+from src.config import in_notebook
+from src.launch import load_experiment_config
 
 # As a script: --config PATH and key=value overrides from the command line.
 # In a notebook: the dev/prod config picked by DEV_MODE; edit `overrides` to experiment.

@@ -14,10 +14,10 @@ from src.config import (
     default_config_path,
     load_config,
     load_dotenv_file,
-    print_config_error,
     redact_secrets,
     to_plain_dict,
 )
+from src.launch.experiment import print_config_error
 from tests.support.experiment import experiment_env, run_experiment
 
 

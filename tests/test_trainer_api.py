@@ -325,7 +325,7 @@ def test_compiled_training_saves_plain_state_dicts(
 def test_own_settings_need_their_own_config_files() -> None:
     from dataclasses import dataclass
 
-    from src.config import load_experiment_config
+    from src.launch import load_experiment_config
 
     @dataclass
     class MyModel:

@@ -25,8 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from src.common.paths import REPO_ROOT
-from src.config import DataConfig, require
-from src.data.splits import split_sizes
+from src.config import DataConfig, require, split_sizes
 
 PAD_ID = 0  # input padding; the vocabulary never gives a character this id
 IGNORE_INDEX = -100  # target padding: F.cross_entropy's default ignore_index

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from src.data.splits import split_sizes
+from src.config import split_sizes
 
 
 def make_classification(

@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 
 from src.common.rng import seed_everything
 from src.common.signals import exit_interrupted
-from src.config import DataConfig, in_notebook, load_experiment_config, require
+from src.config import DataConfig, in_notebook, require
+from src.launch import load_experiment_config
 from src.trainers.interruptible_trainer import InterruptibleTrainer
 
 CONFIG = Path(__file__).with_name("tiny_lm.yaml")

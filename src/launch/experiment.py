@@ -1,0 +1,130 @@
+"""The experiment file's entry: its config from the command line (or defaults in a notebook),
+checked against this machine, the run directory guarded and locked before anything trains.
+
+As a script a ConfigError becomes one line on stderr and exit code 2 (``sys.excepthook``
+too, for one raised later by the trainer); in a Jupyter kernel errors are raised so the cell
+shows them without killing the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from src.common.errors import EXIT_CONFIG_ERROR, ConfigError
+from src.common.paths import resolve_output_dir
+from src.config import (
+    DEV_CONFIG,
+    PROD_CONFIG,
+    MLPConfig,
+    experiment_schema,
+    in_notebook,
+    load_config,
+    parse_cli,
+)
+from src.models import MODEL_BUILDERS
+from src.runs.lock import acquire_run_lock, discard_unused_run_dirs
+from src.utils.gpu_monitor import cuda_index
+from src.utils.run_io import check_resume_settings, run_dir_for
+
+
+def check_runtime(cfg: DictConfig) -> None:
+    """What only this machine can answer: is the model known, is the requested GPU here."""
+    if OmegaConf.get_type(cfg.model) is MLPConfig and cfg.model.name not in MODEL_BUILDERS:
+        known = ", ".join(sorted(MODEL_BUILDERS))
+        raise ConfigError(f"unknown model.name {cfg.model.name!r}: choose one of {known}")
+    index = cuda_index(cfg.trainer.device)
+    if index is not None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise ConfigError(
+                f"trainer.device={cfg.trainer.device} but this machine has {count} CUDA GPU(s): "
+                "use trainer.device=auto (GPU if there is one, else CPU) or cpu"
+            )
+
+
+def check_output_dir(cfg: DictConfig) -> None:
+    """Fail before any run starts if outputs could not be written (checked, not assumed)."""
+    try:
+        run_dir = resolve_output_dir(cfg.paths.output_dir) / cfg.run_name
+    except PermissionError as error:
+        raise ConfigError(str(error)) from None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(
+            f"run directory {run_dir} exists but is a file: choose another run_name or move it"
+        )
+
+
+def print_config_error(error: ConfigError) -> None:
+    """The one line, once per machine: under torchrun every rank reads the same config and
+    fails the same way, so only each node's first rank (LOCAL_RANK 0) prints it."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(error.line, file=sys.stderr)
+
+
+def exit_on_config_error(exc_type: type, error: BaseException, traceback: Any) -> None:
+    """sys.excepthook for scripts: a ConfigError raised later (by the trainer, which checks
+    what only the model can answer, such as trainer.monitor) is still one line and exit 2."""
+    if issubclass(exc_type, ConfigError):
+        discard_unused_run_dirs()  # "nothing written": not even an empty run directory
+        print_config_error(error)  # type: ignore[arg-type]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CONFIG_ERROR)  # raised before training: no write is pending
+    sys.__excepthook__(exc_type, error, traceback)
+
+
+def load_experiment_config(
+    argv: list[str] | None = None,
+    *,
+    model: type | None = None,
+    data: type | None = None,
+    dev_config: str | os.PathLike[str] | None = None,
+    prod_config: str | os.PathLike[str] | None = None,
+) -> DictConfig:
+    """Config for an experiment file, from the command line or (in a notebook) from defaults.
+
+    ``model`` / ``data``: the experiment's own settings dataclasses (``data`` extends
+    DataConfig); they are loaded, overridden and checked like the built-in sections.
+    ``dev_config`` / ``prod_config``: the files DEV_MODE chooses between.
+
+    As a script a ConfigError becomes one line on stderr and exit code 2, and the run
+    directory is locked for this process (a second process on the same run exits at once);
+    in a kernel errors are raised so the cell shows them without killing the kernel.
+    """
+    if (model or data) and (dev_config is None or prod_config is None):
+        raise TypeError(
+            "an experiment with its own model/data settings needs its own config files: pass "
+            "dev_config= and prod_config= (the template's files hold the template's settings)"
+        )
+    notebook = in_notebook()
+    if argv is None:
+        argv = [] if notebook else sys.argv[1:]
+    if not notebook:
+        sys.excepthook = exit_on_config_error
+    try:
+        config_path, overrides = parse_cli(argv)
+        cfg = load_config(
+            config_path,
+            overrides,
+            schema=experiment_schema(model, data),
+            dev_config=Path(dev_config or DEV_CONFIG),
+            prod_config=Path(prod_config or PROD_CONFIG),
+        )
+        check_runtime(cfg)
+        check_output_dir(cfg)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_resume_settings(cfg, world_size)
+        if not notebook and int(os.environ.get("RANK", "0")) == 0:
+            acquire_run_lock(run_dir_for(cfg))  # held until this process exits
+        return cfg
+    except ConfigError as error:
+        if notebook:
+            raise
+        print_config_error(error)
+        raise SystemExit(EXIT_CONFIG_ERROR) from None

@@ -385,21 +385,27 @@ def gpu_verdicts(gpu: Mapping[str, Any]) -> list[Verdict]:
     return out
 
 
+def human_size(num_bytes: float) -> str:
+    """``30 MB`` / ``1.2 GB`` (decimal units, as disks are sold)."""
+    return f"{num_bytes / GB:.1f} GB" if num_bytes >= GB else f"{num_bytes / MB:.0f} MB"
+
+
 def disk_verdict(disk: Mapping[str, Any], min_write_mbs: float = 200.0) -> list[Verdict]:
     """Free space against the run's need, and write speed with fsync."""
     out = []
-    free_gb = disk["free_bytes"] / GB
     need = disk.get("need_bytes")
     if need:
         out.append(
             Verdict(
                 "disk space",
                 disk["free_bytes"] >= need,
-                f"{free_gb:.1f} GB free at {disk['path']}, the run needs ~{need / GB:.1f} GB",
+                f"{human_size(disk['free_bytes'])} free at {disk['path']}, "
+                f"the run needs ~{human_size(need)}",
             )
         )
     else:
-        out.append(Verdict("disk space", True, f"{free_gb:.1f} GB free at {disk['path']}"))
+        free = human_size(disk["free_bytes"])
+        out.append(Verdict("disk space", True, f"{free} free at {disk['path']}"))
     if disk.get("write_mbs") is not None:
         ok = disk["write_mbs"] >= min_write_mbs
         out.append(

@@ -35,6 +35,7 @@ from tests.support.experiment import (
     start_experiment,
     wait_for_checkpoint,
 )
+from tests.support.folder_format import FolderFormat
 from tests.support.moto_server import AWS_ENV, MotoS3, running_moto_s3
 
 BUCKET = "ckpt-bucket"
@@ -187,6 +188,23 @@ def test_a_second_machine_on_the_same_prefix_is_refused(s3: MotoS3, tmp_path: Pa
     assert assert_manifest_matches_objects(s3, "shared") == [1]
     _, objects = bucket_state(s3, "shared")
     assert f"shared/{LEASE_NAME}" not in objects  # released at close
+
+
+def test_a_multi_file_checkpoint_goes_up_and_comes_back(s3: MotoS3, tmp_path: Path) -> None:
+    """The mirror moves the files a record lists: a folder checkpoint needs no mirror code."""
+    remote = {"remote_bucket": BUCKET, "remote_prefix": "folder", "endpoint_url": s3.endpoint_url}
+    writer = CheckpointManager(tmp_path / "one", checkpoint_format=FolderFormat(), **remote)
+    for step in (1, 2):
+        writer.save(state_at(step), step)
+    assert writer.close(remote_timeout=30).complete
+    manifest, objects = bucket_state(s3, "folder")
+    assert [record["step"] for record in manifest["checkpoints"]] == [2, 1]
+    assert "folder/step_000000002/model.pt" in objects
+
+    reader = CheckpointManager(tmp_path / "two", checkpoint_format=FolderFormat(), **remote)
+    state, info = reader.load_latest()
+    assert info.step == 2 and torch.equal(state["model"]["w"], state_at(2)["model"]["w"])
+    assert reader.last_source == f"s3://{BUCKET}/folder/step_000000002"
 
 
 # ----- the trainer, as a user runs it: real processes, real signals ---------------------------

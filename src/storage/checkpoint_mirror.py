@@ -1,15 +1,17 @@
 """Mirror a run's checkpoints (and its other files) to S3 in the background.
 
 Why: an instance's disk dies with it. Every checkpoint that lands on local disk is queued
-here; one background thread uploads it (boto3 transfer manager), checks it in the bucket
-(size and the sha256 the local manager recorded), and only then rewrites the small
+here as its record (:class:`~src.checkpoints.record.CheckpointRecord`, which lists its files:
+the mirror never needs to know the format); one background thread uploads each file (boto3
+transfer manager), checks it in the bucket (size and the sha256 the record holds), and only
+then rewrites the small
 ``manifest.json`` that lists the complete checkpoints. The manifest is written last, so a
 reader never takes a half-uploaded checkpoint for a complete one, and a SIGKILL at any moment
 leaves the previous manifest valid.
 
 Layout under ``prefix`` (the trainer uses ``<s3_prefix>/<run_name>/checkpoints``)::
 
-    step_000000120.pt       the checkpoint bytes (x-amz-meta-sha256 = recorded sha256)
+    step_000000120.pt       each file of a checkpoint (x-amz-meta-sha256 = recorded sha256)
     manifest.json           {"checkpoints": [<sidecar records>, newest first], ...}
     .mirror-lease.json      which machine mirrors this prefix now (heartbeat)
 
@@ -38,6 +40,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
+from src.checkpoints.record import CheckpointRecord, retained_steps
 from src.common.atomic_io import sha256_file
 from src.common.console import print_note, print_warning
 from src.storage.s3 import (
@@ -86,16 +89,6 @@ class FlushReport:
         return not self.waiting and not self.files_pending
 
 
-def retained_steps(records: Mapping[int, Mapping[str, Any]], keep_last_n: int) -> set[int]:
-    """The newest ``keep_last_n`` steps plus the newest best one."""
-    steps = sorted(records, reverse=True)
-    keep = set(steps[:keep_last_n])
-    best = next((step for step in steps if records[step].get("is_best")), None)
-    if best is not None:
-        keep.add(best)
-    return keep
-
-
 class CheckpointMirror:
     """Background S3 mirror of one checkpoint directory (and optionally its run directory).
 
@@ -129,9 +122,9 @@ class CheckpointMirror:
         self.client = client or make_client(endpoint_url, max_attempts=1)
         self._transfer = make_transfer(self.client)
         self._cond = threading.Condition()
-        self._remote: dict[int, dict] = {}  # verified in S3 and listed in the manifest
+        self._remote: dict[int, CheckpointRecord] = {}  # verified in S3, in the manifest
         self._uploaded: dict[int, str] = {}  # step -> sha256 verified in S3 by this process
-        self._pending: dict[int, dict] = {}  # committed locally, not yet verified in S3
+        self._pending: dict[int, CheckpointRecord] = {}  # committed locally, not yet in S3
         self._files_dirty = False
         self._files_due = 0.0  # monotonic time the run files may go up again
         self._flushing = False
@@ -161,25 +154,31 @@ class CheckpointMirror:
         key the message tells the user to fix."""
         probe_writable(self.client, self.bucket, self.prefix, setting)
 
-    def remote_records(self) -> list[dict]:
-        """The manifest's complete checkpoints, newest first (read from S3 now)."""
+    def remote_checkpoints(self) -> list[CheckpointRecord]:
+        """The manifest's complete checkpoints, newest first (read from S3 now), located
+        as they would be once downloaded into ``local_dir``."""
         body = get_bytes(self.client, self.bucket, self._key(MANIFEST_NAME))
         if body is None:
             return []
         try:
-            records = json.loads(body)["checkpoints"]
-            return sorted(records, key=lambda record: int(record["step"]), reverse=True)
+            entries = json.loads(body)["checkpoints"]
+            records = [CheckpointRecord.from_json(entry, self.local_dir) for entry in entries]
         except (ValueError, KeyError, TypeError) as error:
             raise S3SyncError(f"{self.url(MANIFEST_NAME)} is unreadable: {error}") from None
+        return sorted(records, key=lambda record: record.step, reverse=True)
 
-    def start(self, local_records: list[dict]) -> None:
+    def remote_records(self) -> list[dict[str, Any]]:
+        """:meth:`remote_checkpoints` as the manifest's JSON entries (``record["step"]``)."""
+        return [record.to_json() for record in self.remote_checkpoints()]
+
+    def start(self, local_records: list[CheckpointRecord]) -> None:
         """Take the lease, learn what S3 holds, queue local checkpoints it lacks, start the
         worker. ``local_records``: the local sidecars (a previous run's unfinished uploads)."""
         if self._thread is not None:
             return
         try:
             self._acquire_lease()
-            remote = {int(record["step"]): record for record in self.remote_records()}
+            remote = {record.step: record for record in self.remote_checkpoints()}
         except S3SettingError:
             raise
         except Exception as error:  # noqa: BLE001 - S3 went away since the probe
@@ -189,9 +188,9 @@ class CheckpointMirror:
         with self._cond:
             self._remote = remote
             for record in local_records:
-                step = int(record["step"])
-                if remote.get(step, {}).get("sha256") != record["sha256"]:
-                    self._pending[step] = dict(record)
+                known = remote.get(record.step)
+                if known is None or known.sha256 != record.sha256:
+                    self._pending[record.step] = record
             self._files_dirty = self.files_dir is not None
             self._stopping = False
         if self._pending:
@@ -207,10 +206,10 @@ class CheckpointMirror:
 
     # ----- called by the checkpoint writer ---------------------------------------------------
 
-    def enqueue(self, record: Mapping[str, Any]) -> None:
+    def enqueue(self, record: CheckpointRecord) -> None:
         """A checkpoint is durable locally (its sidecar committed): upload it."""
         with self._cond:
-            self._pending[int(record["step"])] = dict(record)
+            self._pending[record.step] = record
             if self.files_dir is not None:
                 self._files_dirty = True
             self._failures = 0  # something new to send: try now, not after the backoff
@@ -229,7 +228,7 @@ class CheckpointMirror:
             if step in self._uploaded:
                 return self._uploaded[step] == sha256
             remote = self._remote.get(step)
-            return remote is not None and remote.get("sha256") == sha256
+            return remote is not None and remote.sha256 == sha256
 
     # ----- stopping ------------------------------------------------------------------------
 
@@ -277,30 +276,37 @@ class CheckpointMirror:
 
     # ----- downloading ---------------------------------------------------------------------
 
-    def download(self, record: Mapping[str, Any], target: Path, progress: bool = True) -> None:
-        """Download one manifest checkpoint to ``target`` (verified, atomic), with a bar."""
+    def download(
+        self, record: CheckpointRecord, directory: Path | None = None, progress: bool = True
+    ) -> None:
+        """Download every file of one manifest checkpoint into ``directory`` (default
+        ``local_dir``), each verified and renamed into place, with one progress bar. The
+        caller commits it (the format's sidecar) once this returns."""
         from tqdm import tqdm
 
-        size = int(record["size"])
+        directory = Path(directory) if directory is not None else self.local_dir
         with tqdm(
-            total=size,
+            total=record.size,
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
-            desc=f"download step {record['step']}",
+            desc=f"download step {record.step}",
             disable=not progress,
             file=sys.stderr,
             dynamic_ncols=True,
         ) as bar:
-            download_verified(
-                self.client,
-                self.bucket,
-                self._key(record["file"]),
-                target,
-                sha256=record["sha256"],
-                size=size,
-                callback=bar.update,
-            )
+            for part in record.files:
+                target = directory / part.name
+                target.parent.mkdir(parents=True, exist_ok=True)  # a multi-file folder
+                download_verified(
+                    self.client,
+                    self.bucket,
+                    self._key(part.name),
+                    target,
+                    sha256=part.sha256,
+                    size=part.size,
+                    callback=bar.update,
+                )
 
     def restore_files(self) -> list[str]:
         """Download the run's other files that are missing locally (a fresh machine)."""
@@ -348,7 +354,7 @@ class CheckpointMirror:
                         timeout = min(timeout, max(0.05, self._files_due - time.monotonic()))
                     if not self._cond.wait(timeout=timeout) and not self._files_dirty:
                         break  # idle for a while: just the lease heartbeat
-                record = dict(self._pending[step]) if step is not None else None
+                record = self._pending[step] if step is not None else None
                 if do_files:
                     self._files_dirty = False
                     self._files_due = time.monotonic() + FILES_INTERVAL_S
@@ -369,38 +375,39 @@ class CheckpointMirror:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _upload_checkpoint(self, record: dict) -> None:
-        step = int(record["step"])
-        path = self.local_dir / record["file"]
-        if not path.is_file():
+    def _upload_checkpoint(self, record: CheckpointRecord) -> None:
+        step = record.step
+        if not all((self.local_dir / part.name).is_file() for part in record.files):
             # Pruned locally without reaching S3 cannot happen (safe_to_delete); a user
-            # deleting files by hand can. Drop it: nothing left to upload.
+            # deleting files by hand can. Drop it: nothing complete left to upload.
             with self._cond:
                 self._pending.pop(step, None)
-            print_warning(f"checkpoint {record['file']} vanished before its upload; skipped")
+            print_warning(f"checkpoint {record.path.name} vanished before its upload; skipped")
             return
-        upload_verified(
-            self.client,
-            path,
-            self.bucket,
-            self._key(record["file"]),
-            sha256=record["sha256"],
-            size=int(record["size"]),
-            transfer=self._transfer,
-        )
+        for part in record.files:
+            upload_verified(
+                self.client,
+                self.local_dir / part.name,
+                self.bucket,
+                self._key(part.name),
+                sha256=part.sha256,
+                size=part.size,
+                transfer=self._transfer,
+            )
         with self._cond:
             self._remote[step] = record
             self._pending.pop(step, None)
             keep = retained_steps(self._remote, self.keep_last_n)
             dropped = [self._remote.pop(s) for s in list(self._remote) if s not in keep]
-            self._uploaded[step] = record["sha256"]
+            self._uploaded[step] = record.sha256
             manifest = self._manifest_bytes()
         put_bytes(self.client, self.bucket, self._key(MANIFEST_NAME), manifest)  # last
         for old in dropped:  # unlisted first, then deleted: a reader never misses a file
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(old["file"]))
+            for part in old.files:
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(part.name))
 
     def _manifest_bytes(self) -> bytes:
-        records = [self._remote[step] for step in sorted(self._remote, reverse=True)]
+        records = [self._remote[step].to_json() for step in sorted(self._remote, reverse=True)]
         body = {"version": MANIFEST_VERSION, "updated_at": time.time(), "checkpoints": records}
         return (json.dumps(body, indent=2) + "\n").encode()
 

@@ -1,20 +1,14 @@
-"""Checkpoints that survive preemption: atomic, checksummed, pruned only when safe.
+"""Checkpoints that survive preemption: the checkpointer the training loop talks to.
 
-Layout inside ``checkpoint_dir``::
+The manager owns the save policy (every ``every_n_steps`` steps, at each epoch end, at a
+stop; the best one marked) and retention (the newest ``keep_last_n`` plus the best, pruned only
+when safe). How a checkpoint is written, verified, listed and loaded is its format's business
+(:mod:`src.checkpoints`, default :class:`~src.checkpoints.torch_file.TorchFileFormat`: one
+``step_<N>.pt`` plus its ``step_<N>.json`` sidecar, the commit marker).
 
-    step_000000120.pt      torch.save of the full training state
-    step_000000120.json    sidecar: step, sha256, size, is_best, ... (the commit marker)
-
-A checkpoint counts only once its sidecar exists and the file's size and sha256
-match it. Each write goes temp file -> fsync -> rename -> fsync(dir), the sidecar
-last, so a SIGKILL or power loss at any moment leaves either the previous
-complete checkpoint or the new one, never a half-written file that gets loaded.
-
-Asynchronous saving: ``save()`` copies the state into one reusable CPU staging
-buffer (the only cost the training loop pays; pinned memory on CUDA) and a
-background thread serializes, hashes and renames. At most one save is in flight;
-a new ``save()`` waits for the previous one, so host memory grows by at most one
-copy of the state. ``wait()`` / ``close()`` flush pending writes (also at exit).
+Asynchronous saving: ``save()`` copies the state into one reusable CPU staging buffer (the
+only cost the training loop pays) and a background thread writes it
+(:mod:`src.checkpoints.staging`). ``wait()`` / ``close()`` flush pending writes (also at exit).
 
 S3 mirror (``remote_bucket=``): each committed checkpoint is handed to a
 :class:`~src.storage.checkpoint_mirror.CheckpointMirror`, which uploads and verifies it in
@@ -25,115 +19,43 @@ local checkpoint before the mirror says it is safe.
 
 from __future__ import annotations
 
-import atexit
-import copy
-import hashlib
-import json
+import dataclasses
+import functools
 import os
-import threading
 import time
-import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from src.common.atomic_io import atomic_write_bytes, fsync_dir, sha256_file, temp_path_for
+from src.checkpoints.format import CheckpointFormat
+from src.checkpoints.record import CheckpointRecord, retained_steps
+from src.checkpoints.sidecar import CHECKPOINT_PREFIX, read_checkpoint_infos
+from src.checkpoints.staging import BackgroundWriter
+from src.checkpoints.torch_file import TorchFileFormat, atomic_torch_save
 from src.common.console import print_note, print_warning
+from src.storage.checkpoint_mirror import CheckpointMirror, FlushReport
+from src.storage.s3 import S3SyncError, error_line
 
-if TYPE_CHECKING:
-    from src.storage.checkpoint_mirror import CheckpointMirror, FlushReport
+# Names code imported from here before src/checkpoints/ existed.
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "LoadedCheckpoint",
+    "atomic_torch_save",
+    "read_checkpoint_infos",
+]
 
-CHECKPOINT_PREFIX = "step_"
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    step: int
-    path: Path
-    sha256: str
-    size: int
-    is_best: bool
-    metadata: dict[str, Any]
+CheckpointInfo = CheckpointRecord  # the old name of a committed checkpoint's record
 
 
 class LoadedCheckpoint(NamedTuple):
     """What ``load_latest`` returns: ``state, info = manager.load_latest()`` also works."""
 
     state: dict[str, Any]
-    info: CheckpointInfo
-
-
-class _HashingWriter:
-    """File wrapper that hashes bytes as torch.save writes them: no second read pass."""
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        return self._handle.write(data)
-
-    def flush(self) -> None:
-        self._handle.flush()
-
-
-def atomic_torch_save(obj: Any, path: Path) -> tuple[str, int]:
-    """torch.save via temp file + fsync + rename; returns (sha256, size) of what landed."""
-    tmp = temp_path_for(path)
-    try:
-        with open(tmp, "wb") as handle:
-            writer = _HashingWriter(handle)
-            torch.save(obj, writer)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if writer.size != tmp.stat().st_size:  # torch.save seeked instead of streaming
-            raise OSError(f"wrote {writer.size} bytes but {tmp.name} has {tmp.stat().st_size}")
-        digest, size = writer.digest.hexdigest(), writer.size
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return digest, size
-
-
-class _StagingBuffer:
-    """Reusable CPU copies of every tensor in a nested state, keyed by position."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-        self._source_devices: set[torch.device] = set()
-
-    def take_source_devices(self) -> list[torch.device]:
-        """CUDA devices copied from since the last call (each needs a synchronize)."""
-        devices, self._source_devices = sorted(self._source_devices, key=str), set()
-        return devices
-
-    def stage(self, value: Any, key: tuple = ()) -> Any:
-        if isinstance(value, torch.Tensor):
-            return self._stage_tensor(value, key)
-        if isinstance(value, dict):
-            return {name: self.stage(item, (*key, name)) for name, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            staged = [self.stage(item, (*key, index)) for index, item in enumerate(value)]
-            return type(value)(staged) if isinstance(value, tuple) else staged
-        return copy.deepcopy(value)
-
-    def _stage_tensor(self, tensor: torch.Tensor, key: tuple) -> torch.Tensor:
-        tensor = tensor.detach()
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            pin = tensor.is_cuda and torch.cuda.is_available()
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
-            self._buffers[key] = buffer
-        buffer.copy_(tensor, non_blocking=tensor.is_cuda)
-        if tensor.is_cuda:
-            self._source_devices.add(tensor.device)
-        return buffer
+    info: CheckpointRecord
 
 
 class CheckpointManager:
@@ -152,6 +74,8 @@ class CheckpointManager:
         async_save: bool = True,
         is_writer: bool = True,
         *,
+        every_n_steps: int = 0,
+        checkpoint_format: CheckpointFormat | None = None,
         remote_bucket: str | None = None,
         remote_prefix: str = "checkpoints",
         endpoint_url: str | None = None,
@@ -161,14 +85,16 @@ class CheckpointManager:
     ) -> None:
         if keep_last_n < 1:
             raise ValueError("keep_last_n must be >= 1 (the newest checkpoint is always kept)")
+        if every_n_steps < 0:
+            raise ValueError("every_n_steps must be >= 0 (0: only at epoch ends and stops)")
         self.checkpoint_dir = Path(local_dir)
         self.keep_last_n = keep_last_n
+        self.every_n_steps = every_n_steps
         self.async_save = async_save
         self.is_writer = is_writer
         self.progress = progress
+        self.format: CheckpointFormat = checkpoint_format or TorchFileFormat()
         if mirror is None and remote_bucket and is_writer:
-            from src.storage.checkpoint_mirror import CheckpointMirror
-
             mirror = CheckpointMirror(
                 remote_bucket,
                 remote_prefix,
@@ -180,15 +106,39 @@ class CheckpointManager:
         self.mirror = mirror if is_writer else None
         self.last_source = ""  # where load_latest found its checkpoint: a path or an s3:// URL
         self._downloaded: dict[int, str] = {}  # step -> the s3:// URL it came from
-        self._staging = _StagingBuffer()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._writer = BackgroundWriter()
         self.last_stall_s = 0.0  # time save() blocked the caller, for benchmarks and logs
         if is_writer:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            self._remove_leftovers()
-        # Flush a pending write if the interpreter exits without close().
-        atexit.register(_flush_at_exit, weakref.ref(self))
+            self.format.clean(self.checkpoint_dir)
+
+    # ----- the policy: when to save -------------------------------------------------------
+
+    def due(self, step: int, *, stopping: bool = False, epoch_end: bool = False) -> bool:
+        """Should the loop save after ``step``? Always at a stop; every ``every_n_steps``
+        steps otherwise, except at an epoch end, whose checkpoint is taken after evaluation
+        (one ``save`` with ``is_best``)."""
+        if stopping:
+            return True
+        periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        return periodic and not epoch_end
+
+    def save_if_due(
+        self,
+        step: int,
+        state_fn: Callable[[], dict[str, Any]],
+        *,
+        stopping: bool = False,
+        epoch_end: bool = False,
+        **save_kwargs: Any,
+    ) -> bool:
+        """The loop's per-step call: ``save(state_fn(), step)`` when :meth:`due`, blocking at a
+        stop (durable before this returns). ``state_fn`` runs on every rank when due (it may
+        gather across ranks); returns whether a checkpoint was taken."""
+        if not self.due(step, stopping=stopping, epoch_end=epoch_end):
+            return False
+        self.save(state_fn(), step, blocking=stopping, **save_kwargs)
+        return True
 
     # ----- saving -------------------------------------------------------------------------
 
@@ -215,36 +165,20 @@ class CheckpointManager:
             return path
         started = time.perf_counter()
         self.start_mirror()
-        self.wait()
-        background = self.async_save and not blocking
-        if background:
-            snapshot = self._staging.stage(state)
-            # The non_blocking copies into pinned memory must land: synchronize each device
-            # they came from (under torchrun that is this rank's GPU, not GPU 0).
-            for device in self._staging.take_source_devices():
-                torch.cuda.synchronize(device)
-        else:
-            snapshot = state  # the caller waits for the write, so nothing can change under it
-        job_args = (snapshot, step, is_best, dict(metadata or {}), best_model_path)
-        if background:
-            self._thread = threading.Thread(
-                target=self._write_job, args=job_args, name=f"checkpoint-{step}", daemon=True
-            )
-            self._thread.start()
-        else:
-            self._write(*job_args)
+        self._writer.wait()
+        details = (step, is_best, dict(metadata or {}), best_model_path)
+        if self.async_save and not blocking:
+            snapshot = self._writer.snapshot(state)
+            job = functools.partial(self._write, snapshot, *details)
+            self._writer.start(job, name=f"checkpoint-{step}")
+        else:  # the caller waits for the write, so nothing can change under it: no copy
+            self._write(state, *details)
         self.last_stall_s = time.perf_counter() - started
         return path
 
     def wait(self) -> None:
         """Block until the in-flight write (if any) is complete; re-raise its error."""
-        thread = self._thread
-        if thread is not None:
-            thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"background checkpoint write failed: {error}") from error
+        self._writer.wait()
 
     def close(self, remote_timeout: float | None = None) -> FlushReport | None:
         """Flush local writes; with S3, wait up to ``remote_timeout`` s for the uploads, stop
@@ -256,69 +190,8 @@ class CheckpointManager:
         self._prune()  # now-verified checkpoints may go
         return report
 
-    # ----- S3 --------------------------------------------------------------------------
-
-    def start_mirror(self) -> None:
-        """Start the S3 mirror (idempotent): take its lease and queue local checkpoints the
-        bucket lacks (what a killed run could not upload)."""
-        if self.mirror is not None and not self.mirror.running:  # save() calls this each time
-            self.mirror.start([_record_of(info) for info in self.list_checkpoints()])
-
-    def upload_latest(self, timeout: float | None = None) -> CheckpointInfo | None:
-        """Upload the newest local checkpoint and return once it is verified in S3."""
-        from src.storage.s3 import S3SyncError
-
-        mirror = self._require_mirror()
-        self.wait()
-        infos = self.list_checkpoints()
-        if not infos:
-            return None
-        self.start_mirror()
-        mirror.enqueue(_record_of(infos[0]))
-        report = mirror.flush(timeout)
-        if infos[0].step in report.waiting or not mirror.safe_to_delete(
-            infos[0].step, infos[0].sha256
-        ):
-            raise S3SyncError(
-                f"{infos[0].path.name} is not in {mirror.url()} yet: {mirror.last_error}"
-            )
-        return infos[0]
-
-    def download_latest(self) -> CheckpointInfo | None:
-        """Make the bucket's newest complete checkpoint available locally (downloaded with a
-        progress bar and verified unless an identical local copy exists); None if S3 has none."""
-        mirror = self._require_mirror()
-        records = mirror.remote_records()
-        if not records:
-            return None
-        record = records[0]
-        local = next((i for i in self.list_checkpoints() if i.step == int(record["step"])), None)
-        if local is None or local.sha256 != record["sha256"] or self.verify(local) is not None:
-            self.wait()
-            path = self.checkpoint_dir / record["file"]
-            mirror.download(record, path, progress=self.progress)
-            atomic_write_bytes(path.with_suffix(".json"), json.dumps(record, indent=2).encode())
-            self._downloaded[int(record["step"])] = mirror.url(record["file"])
-            restored = mirror.restore_files()
-            print_note(
-                f"downloaded {record['file']} from {mirror.url(record['file'])}"
-                + (f"; restored {len(restored)} run file(s)" if restored else "")
-            )
-        return next(i for i in self.list_checkpoints() if i.step == int(record["step"]))
-
-    def _require_mirror(self) -> CheckpointMirror:
-        if self.mirror is None:
-            raise ValueError("this CheckpointManager has no S3 mirror: pass remote_bucket=")
-        return self.mirror
-
     def path_for(self, step: int) -> Path:
-        return self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:09d}.pt"
-
-    def _write_job(self, *args: Any) -> None:
-        try:
-            self._write(*args)
-        except BaseException as error:  # surfaced by the next wait()/save()
-            self._error = error
+        return self.format.location(self.checkpoint_dir, step)
 
     def _write(
         self,
@@ -328,94 +201,65 @@ class CheckpointManager:
         metadata: dict[str, Any],
         best_model_path: Path | None,
     ) -> None:
-        path = self.path_for(step)
-        sidecar = path.with_suffix(".json")
-        sidecar.unlink(missing_ok=True)  # re-saving a step: invalidate the old one first
-        digest, size = atomic_torch_save(snapshot, path)
+        record = self.format.write(
+            self.checkpoint_dir, step, snapshot, is_best=is_best, metadata=metadata
+        )
         # best_model.pt is durable before the sidecar commits the checkpoint that names it:
         # a kill in between leaves the previous checkpoint newest, and the replay rewrites it.
         if best_model_path is not None and "model" in snapshot:
             atomic_torch_save(snapshot["model"], Path(best_model_path))
-        record = {
-            "step": step,
-            "file": path.name,
-            "sha256": digest,
-            "size": size,
-            "is_best": is_best,
-            "created_at": time.time(),
-            "metadata": metadata,
-        }
-        atomic_write_bytes(sidecar, json.dumps(record, indent=2).encode())
+        self.format.commit(record)
         if self.mirror is not None:
             self.mirror.enqueue(record)
         self._prune()
 
-    # ----- listing, pruning ---------------------------------------------------------------
+    # ----- S3 --------------------------------------------------------------------------
 
-    def list_checkpoints(self) -> list[CheckpointInfo]:
-        """Checkpoints whose sidecar exists, newest first (content not verified here)."""
-        return read_checkpoint_infos(self.checkpoint_dir)
+    def start_mirror(self) -> None:
+        """Start the S3 mirror (idempotent): take its lease and queue local checkpoints the
+        bucket lacks (what a killed run could not upload)."""
+        if self.mirror is not None and not self.mirror.running:  # save() calls this each time
+            self.mirror.start(self.list_checkpoints())
 
-    def _prune(self) -> None:
-        infos = self.list_checkpoints()
-        keep = {info.path for info in infos[: self.keep_last_n]}
-        best = next((info for info in infos if info.is_best), None)
-        if best is not None:
-            keep.add(best.path)
-        for info in infos:
-            if info.path in keep:
-                continue
-            if self.mirror is not None and not self.mirror.safe_to_delete(info.step, info.sha256):
-                continue  # its only copy: kept until it is verified in S3
-            info.path.with_suffix(".json").unlink(missing_ok=True)  # un-commit first
-            info.path.unlink(missing_ok=True)
-
-    def _remove_leftovers(self) -> None:
-        """Temp files of an interrupted write, and data files whose sidecar never landed."""
-        for tmp in self.checkpoint_dir.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-        for data in self.checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*.pt"):
-            if not data.with_suffix(".json").exists():
-                data.unlink(missing_ok=True)
-
-    # ----- loading ------------------------------------------------------------------------
-
-    def verify(self, info: CheckpointInfo) -> str | None:
-        """None if the file matches its sidecar, else the reason it does not."""
-        if not info.path.is_file():
-            return "file missing"
-        if info.path.stat().st_size != info.size:
-            return f"size {info.path.stat().st_size} != recorded {info.size}"
-        if sha256_file(info.path) != info.sha256:
-            return "checksum mismatch"
-        return None
-
-    def latest_path(self) -> Path | None:
-        """Path of the newest complete checkpoint (sidecar present), or None."""
-        infos = self.list_checkpoints()
-        return infos[0].path if infos else None
-
-    def load_latest(self, map_location: str | torch.device = "cpu") -> LoadedCheckpoint | None:
-        """Newest checkpoint that verifies and loads; skips bad ones with a warning.
-
-        With S3, the newest complete checkpoint across local disk and the bucket: a newer
-        one in the bucket (a fresh machine, or one that ran longer) is downloaded first.
-        """
+    def upload_latest(self, timeout: float | None = None) -> CheckpointRecord | None:
+        """Upload the newest local checkpoint and return once it is verified in S3."""
+        mirror = self._require_mirror()
         self.wait()
-        self.fetch_remote()
-        for info in self.list_checkpoints():
-            problem = self.verify(info)
-            if problem is None:
-                try:
-                    state = torch.load(info.path, map_location=map_location, weights_only=True)
-                    self.last_source = self._downloaded.get(info.step, str(info.path))
-                    return LoadedCheckpoint(state, info)
-                except Exception as error:  # corrupt zip, pickle error
-                    problem = f"cannot load ({type(error).__name__}: {error})"
-            print_warning(
-                f"skipping checkpoint {info.path.name}: {problem}; trying the previous one"
+        records = self.list_checkpoints()
+        if not records:
+            return None
+        newest = records[0]
+        self.start_mirror()
+        mirror.enqueue(newest)
+        report = mirror.flush(timeout)
+        if newest.step in report.waiting or not mirror.safe_to_delete(newest.step, newest.sha256):
+            raise S3SyncError(
+                f"{newest.path.name} is not in {mirror.url()} yet: {mirror.last_error}"
             )
-        return None
+        return newest
+
+    def download_latest(self) -> CheckpointRecord | None:
+        """Make the bucket's newest complete checkpoint available locally (downloaded with a
+        progress bar and verified unless an identical local copy exists); None if S3 has none."""
+        mirror = self._require_mirror()
+        remote = mirror.remote_checkpoints()
+        if not remote:
+            return None
+        newest = remote[0]
+        local = next((r for r in self.list_checkpoints() if r.step == newest.step), None)
+        if local is None or local.sha256 != newest.sha256 or self.verify(local) is not None:
+            self.wait()
+            record = dataclasses.replace(newest, path=self.checkpoint_dir / newest.path.name)
+            mirror.download(record, self.checkpoint_dir, progress=self.progress)
+            self.format.commit(record)
+            url = mirror.url(record.path.name)
+            self._downloaded[record.step] = url
+            restored = mirror.restore_files()
+            print_note(
+                f"downloaded {record.path.name} from {url}"
+                + (f"; restored {len(restored)} run file(s)" if restored else "")
+            )
+        return next(r for r in self.list_checkpoints() if r.step == newest.step)
 
     def fetch_remote(self) -> None:
         """Download the bucket's newest checkpoint if it is newer than every local one.
@@ -427,51 +271,67 @@ class CheckpointManager:
             return
         local = self.list_checkpoints()
         try:
-            records = self.mirror.remote_records()
-            if records and (not local or int(records[0]["step"]) > local[0].step):
+            remote = self.mirror.remote_checkpoints()
+            if remote and (not local or remote[0].step > local[0].step):
                 self.download_latest()
         except Exception as error:
             if not local:
                 raise
-            from src.storage.s3 import error_line
-
             where = self.mirror.url()
             print_warning(f"cannot read {where} ({error_line(error)}); using local ones")
 
+    def _require_mirror(self) -> CheckpointMirror:
+        if self.mirror is None:
+            raise ValueError("this CheckpointManager has no S3 mirror: pass remote_bucket=")
+        return self.mirror
 
-def _record_of(info: CheckpointInfo) -> dict[str, Any]:
-    """The sidecar record of a local checkpoint (what the S3 manifest lists)."""
-    return json.loads(info.path.with_suffix(".json").read_text())
+    # ----- listing, retention -------------------------------------------------------------
 
+    def list_checkpoints(self) -> list[CheckpointRecord]:
+        """Committed checkpoints, newest first (content not verified here)."""
+        return self.format.list_checkpoints(self.checkpoint_dir)
 
-def read_checkpoint_infos(checkpoint_dir: Path) -> list[CheckpointInfo]:
-    """The committed checkpoints (sidecar present) in ``checkpoint_dir``, newest first.
+    def _prune(self) -> None:
+        records = self.list_checkpoints()
+        keep = retained_steps({record.step: record for record in records}, self.keep_last_n)
+        for record in records:
+            if record.step in keep:
+                continue
+            if self.mirror is not None and not self.mirror.safe_to_delete(
+                record.step, record.sha256
+            ):
+                continue  # its only copy: kept until it is verified in S3
+            self.format.delete(record)
 
-    Reads only the small JSON sidecars: cheap, and safe before any manager exists.
-    """
-    infos = []
-    for sidecar in Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*.json"):
-        try:
-            record = json.loads(sidecar.read_text())
-            infos.append(
-                CheckpointInfo(
-                    step=int(record["step"]),
-                    path=sidecar.parent / record["file"],
-                    sha256=record["sha256"],
-                    size=int(record["size"]),
-                    is_best=bool(record.get("is_best", False)),
-                    metadata=record.get("metadata", {}),
-                )
+    # ----- loading ------------------------------------------------------------------------
+
+    def verify(self, info: CheckpointRecord) -> str | None:
+        """None if the checkpoint's files match its record, else the reason they do not."""
+        return self.format.verify(info)
+
+    def latest_path(self) -> Path | None:
+        """Path of the newest complete checkpoint (sidecar present), or None."""
+        records = self.list_checkpoints()
+        return records[0].path if records else None
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> LoadedCheckpoint | None:
+        """Newest checkpoint that verifies and loads; skips bad ones with a warning.
+
+        With S3, the newest complete checkpoint across local disk and the bucket: a newer
+        one in the bucket (a fresh machine, or one that ran longer) is downloaded first.
+        """
+        self.wait()
+        self.fetch_remote()
+        for record in self.list_checkpoints():
+            problem = self.verify(record)
+            if problem is None:
+                try:
+                    state = self.format.load(record, map_location)
+                    self.last_source = self._downloaded.get(record.step, str(record.path))
+                    return LoadedCheckpoint(state, record)
+                except Exception as error:  # corrupt zip, pickle error
+                    problem = f"cannot load ({type(error).__name__}: {error})"
+            print_warning(
+                f"skipping checkpoint {record.path.name}: {problem}; trying the previous one"
             )
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            print_warning(f"ignoring unreadable checkpoint sidecar {sidecar.name}: {error}")
-    return sorted(infos, key=lambda info: info.step, reverse=True)
-
-
-def _flush_at_exit(manager_ref: weakref.ref) -> None:
-    manager = manager_ref()
-    if manager is not None:
-        try:
-            manager.wait()
-        except RuntimeError as error:
-            print_warning(str(error))
+        return None

@@ -1,0 +1,27 @@
+"""How a checkpoint is written, verified, listed and loaded: the format seam.
+
+``format``: the :class:`CheckpointFormat` protocol every on-disk format implements.
+``record``: :class:`CheckpointRecord`, what a committed checkpoint is (step, files, sizes,
+sha256, metadata); the manager, the S3 mirror and the resume checks pass these around.
+``sidecar``: the ``step_<N>.json`` commit marker every format shares, and the step naming.
+``torch_file``: today's format, one ``torch.save`` file per checkpoint.
+``staging``: the background writer (copy to a CPU staging buffer, write on a thread).
+
+When to save and what to prune is the manager's business (``src.utils.checkpoint_manager``);
+moving checkpoints off the machine is storage's (``src.storage.checkpoint_mirror``).
+"""
+
+from src.checkpoints.format import CheckpointFormat
+from src.checkpoints.record import CheckpointFile, CheckpointRecord, retained_steps
+from src.checkpoints.sidecar import read_checkpoint_infos
+from src.checkpoints.torch_file import TorchFileFormat, atomic_torch_save
+
+__all__ = [
+    "CheckpointFile",
+    "CheckpointFormat",
+    "CheckpointRecord",
+    "TorchFileFormat",
+    "atomic_torch_save",
+    "read_checkpoint_infos",
+    "retained_steps",
+]

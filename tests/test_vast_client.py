@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from src.vast.client import (
+from src.cloud.registry import hourly_rate_here
+from src.cloud.vast.client import (
     RetryPolicy,
     VastAuthError,
     VastClient,
@@ -18,8 +19,8 @@ from src.vast.client import (
     find_api_key,
     resolve_base_url,
 )
-from src.vast.instances import ssh_addresses, view_of
-from src.vast.pricing import detect_hourly_rate, instance_id_from_env
+from src.cloud.vast.environment import instance_id_from_env
+from src.cloud.vast.instances import ssh_addresses, view_of
 from tests.support.fake_vast_server import API_KEY, NOW, Canned, FakeVast, running_fake_vast
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
@@ -309,13 +310,13 @@ def test_base_url_override() -> None:
 
 def test_hourly_rate_configured_wins(vast: FakeVast) -> None:
     env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": vast.url}
-    assert detect_hourly_rate(2.5, environ=env) == 2.5
+    assert hourly_rate_here(2.5, environ=env) == 2.5
     assert vast.requests == []
 
 
 def test_hourly_rate_from_the_instance(vast: FakeVast) -> None:
     env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": vast.url}
-    assert detect_hourly_rate(None, environ=env) == 0.8
+    assert hourly_rate_here(None, environ=env) == 0.8
     assert instance_id_from_env({"VAST_CONTAINERLABEL": "C.777"}) == 777
 
 
@@ -330,14 +331,14 @@ def test_hourly_rate_in_a_container_from_the_process_environment(
     monkeypatch.setenv("CONTAINER_ID", "102")
     monkeypatch.setenv("CONTAINER_API_KEY", API_KEY)
     monkeypatch.setenv("VAST_URL", vast.url)
-    assert detect_hourly_rate(None) == 1.2
+    assert hourly_rate_here(None) == 1.2
     (request,) = vast.requests
     assert request.path == "/api/v0/instances/102/"
     assert request.headers["Authorization"] == f"Bearer {API_KEY}"
 
 
 def test_hourly_rate_off_vast_is_none_without_calls(vast: FakeVast) -> None:
-    assert detect_hourly_rate(None, environ={"VAST_URL": vast.url}) is None
+    assert hourly_rate_here(None, environ={"VAST_URL": vast.url}) is None
     assert vast.requests == []
 
 
@@ -346,6 +347,6 @@ def test_hourly_rate_failure_prints_one_line_and_never_raises(
 ) -> None:
     vast.failures.append(Canned(500, "down", times=None))
     env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": vast.url}
-    assert detect_hourly_rate(None, environ=env, timeout=1.0) is None
+    assert hourly_rate_here(None, environ=env, timeout_s=1.0) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cost.hourly_rate_usd" in err and API_KEY not in err

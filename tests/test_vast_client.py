@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from src.cloud.registry import hourly_rate_here
+from src.cloud.provider import CredentialsMissing, Provider
+from src.cloud.registry import hourly_rate_here, provider_of_this_machine
 from src.cloud.vast.client import (
     RetryPolicy,
     VastAuthError,
@@ -21,6 +22,7 @@ from src.cloud.vast.client import (
 )
 from src.cloud.vast.environment import instance_id_from_env
 from src.cloud.vast.instances import ssh_addresses, view_of
+from src.cloud.vast.provider import VastProvider
 from tests.support.fake_vast_server import API_KEY, NOW, Canned, FakeVast, running_fake_vast
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
@@ -350,3 +352,24 @@ def test_hourly_rate_failure_prints_one_line_and_never_raises(
     assert hourly_rate_here(None, environ=env, timeout_s=1.0) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cost.hourly_rate_usd" in err and API_KEY not in err
+
+
+def test_the_provider_of_this_machine_comes_from_the_environment(
+    vast: FakeVast,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no vastai CLI key file of this machine
+    no_key = {"SYNC_DOTENV": str(tmp_path / "no.env")}
+    assert provider_of_this_machine(no_key) is None  # off Vast.ai: no provider, no calls
+    here: Provider | None = provider_of_this_machine(
+        {"CONTAINER_ID": "101", "CONTAINER_API_KEY": API_KEY, "VAST_URL": vast.url}
+    )
+    assert isinstance(here, VastProvider) and here.this_machine_id == "101"
+    assert here.hourly_rate("101") == 0.8
+    with pytest.raises(CredentialsMissing, match="on Vast.ai instance 101 but no API key"):
+        provider_of_this_machine({**no_key, "CONTAINER_ID": "101"})
+    assert hourly_rate_here(None, environ={**no_key, "CONTAINER_ID": "101"}) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no API key" in err and "cost.hourly_rate_usd" in err

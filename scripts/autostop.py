@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Stop this Vast.ai instance when its GPUs have sat idle (logic: src/vast/autostop.py).
+"""Stop this Vast.ai instance when its GPUs have sat idle (logic: src/cloud/autostop.py).
 
     python scripts/autostop.py --idle-minutes 20            # on the instance, in tmux
     python scripts/autostop.py --idle-minutes 20 --dry-run  # say what it would do
@@ -19,17 +19,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.common.paths import DEFAULT_PERSISTENT_DIR, resolve_output_dir
-from src.config import load_dotenv_file
-from src.vast.autostop import (
+from src.cloud.autostop import (
     DEFAULT_INTERVAL_S,
     DEFAULT_UTIL_PERCENT,
     AutostopError,
     check_machine,
-    stop_instance,
-    vast_target,
+    stop_target,
     watch,
 )
+from src.common.paths import DEFAULT_PERSISTENT_DIR, resolve_output_dir
+from src.config import load_dotenv_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,22 +47,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     load_dotenv_file()
     try:
-        instance_id, api_key = vast_target()
+        provider, machine_id = stop_target()
         outputs = resolve_output_dir(args.outputs or DEFAULT_PERSISTENT_DIR)
         check_machine(outputs, args.util_percent)  # fails now, not after the first window
     except (AutostopError, PermissionError) as error:
         print(f"autostop: {error}", file=sys.stderr)
         return 2
 
+    machine = f"{provider.machine_kind} {machine_id}"
+
     def stop() -> None:
         if args.dry_run:
-            print(f"autostop: --dry-run: would stop instance {instance_id} now (PUT state=stopped)")
+            print(f"autostop: --dry-run: would stop {machine} now (GPU released, disk kept)")
             return
-        stop_instance(instance_id, api_key)
-        print(f"autostop: stopped instance {instance_id}: GPU released, disk kept")
+        provider.stop(machine_id)
+        print(f"autostop: stopped {machine}: GPU released, disk kept")
 
     print(
-        f"autostop: watching instance {instance_id}: stop after {args.idle_minutes:g} min idle "
+        f"autostop: watching {machine}: stop after {args.idle_minutes:g} min idle "
         f"(GPU util < {args.util_percent:g}%, no CUDA process, no run lock in {outputs})",
         flush=True,
     )

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Manage Vast.ai instances from your laptop (logic: src/vast/, docs: docs/vast_and_sync.md).
+"""Manage Vast.ai instances from your laptop (logic: src/cloud/vast/; docs/vast_and_sync.md).
 
     python scripts/launch_vast.py status [--all] [--json]
     python scripts/launch_vast.py search --gpu "RTX 4090" --max-price 0.6 --min-disk 100
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.vast.cli import main
+from src.cloud.vast.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

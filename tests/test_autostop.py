@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from src.cloud.autostop import Check, IdleWatch, busy_reason, watch
 from src.runs.lock import acquire_run_lock, held_run_locks
 from src.utils.gpu_monitor import GpuStats
-from src.vast.autostop import Check, IdleWatch, busy_reason, watch
 from tests.support.fake_vast_server import API_KEY, FakeVast, running_fake_vast
 from tests.support.nvml_state import FAKE_NVML_DIR, gpu, write_state
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from src.vast import cli
+from src.cloud.vast import cli
 from tests.support.fake_vast_server import API_KEY, FakeVast, running_fake_vast
 from tests.support.sshd import SshServer, free_port, sshd_server  # noqa: F401 - module fixture
 from tests.support.sync_helpers import SYNC_SCRIPT, make_tree, run_sync, sync_env

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from src.vast import cli
+from src.cloud.vast import cli
 from tests.support.fake_vast_server import API_KEY, Canned, FakeVast, running_fake_vast
 from tests.support.sshd import free_port
 

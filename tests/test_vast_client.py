@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from src.vast.client import (
+from src.cloud.provider import CredentialsMissing, Provider
+from src.cloud.registry import hourly_rate_here, provider_of_this_machine
+from src.cloud.vast.client import (
     RetryPolicy,
     VastAuthError,
     VastClient,
@@ -18,8 +20,9 @@ from src.vast.client import (
     find_api_key,
     resolve_base_url,
 )
-from src.vast.instances import ssh_addresses, view_of
-from src.vast.pricing import detect_hourly_rate, instance_id_from_env
+from src.cloud.vast.environment import instance_id_from_env
+from src.cloud.vast.instances import ssh_addresses, view_of
+from src.cloud.vast.provider import VastProvider
 from tests.support.fake_vast_server import API_KEY, NOW, Canned, FakeVast, running_fake_vast
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
@@ -309,13 +312,13 @@ def test_base_url_override() -> None:
 
 def test_hourly_rate_configured_wins(vast: FakeVast) -> None:
     env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": vast.url}
-    assert detect_hourly_rate(2.5, environ=env) == 2.5
+    assert hourly_rate_here(2.5, environ=env) == 2.5
     assert vast.requests == []
 
 
 def test_hourly_rate_from_the_instance(vast: FakeVast) -> None:
     env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": vast.url}
-    assert detect_hourly_rate(None, environ=env) == 0.8
+    assert hourly_rate_here(None, environ=env) == 0.8
     assert instance_id_from_env({"VAST_CONTAINERLABEL": "C.777"}) == 777
 
 
@@ -330,14 +333,14 @@ def test_hourly_rate_in_a_container_from_the_process_environment(
     monkeypatch.setenv("CONTAINER_ID", "102")
     monkeypatch.setenv("CONTAINER_API_KEY", API_KEY)
     monkeypatch.setenv("VAST_URL", vast.url)
-    assert detect_hourly_rate(None) == 1.2
+    assert hourly_rate_here(None) == 1.2
     (request,) = vast.requests
     assert request.path == "/api/v0/instances/102/"
     assert request.headers["Authorization"] == f"Bearer {API_KEY}"
 
 
 def test_hourly_rate_off_vast_is_none_without_calls(vast: FakeVast) -> None:
-    assert detect_hourly_rate(None, environ={"VAST_URL": vast.url}) is None
+    assert hourly_rate_here(None, environ={"VAST_URL": vast.url}) is None
     assert vast.requests == []
 
 
@@ -346,6 +349,27 @@ def test_hourly_rate_failure_prints_one_line_and_never_raises(
 ) -> None:
     vast.failures.append(Canned(500, "down", times=None))
     env = {"CONTAINER_ID": "101", "VASTAI_API_KEY": API_KEY, "VAST_URL": vast.url}
-    assert detect_hourly_rate(None, environ=env, timeout=1.0) is None
+    assert hourly_rate_here(None, environ=env, timeout_s=1.0) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cost.hourly_rate_usd" in err and API_KEY not in err
+
+
+def test_the_provider_of_this_machine_comes_from_the_environment(
+    vast: FakeVast,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no vastai CLI key file of this machine
+    no_key = {"SYNC_DOTENV": str(tmp_path / "no.env")}
+    assert provider_of_this_machine(no_key) is None  # off Vast.ai: no provider, no calls
+    here: Provider | None = provider_of_this_machine(
+        {"CONTAINER_ID": "101", "CONTAINER_API_KEY": API_KEY, "VAST_URL": vast.url}
+    )
+    assert isinstance(here, VastProvider) and here.this_machine_id == "101"
+    assert here.hourly_rate("101") == 0.8
+    with pytest.raises(CredentialsMissing, match="on Vast.ai instance 101 but no API key"):
+        provider_of_this_machine({**no_key, "CONTAINER_ID": "101"})
+    assert hourly_rate_here(None, environ={**no_key, "CONTAINER_ID": "101"}) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no API key" in err and "cost.hourly_rate_usd" in err

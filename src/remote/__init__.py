@@ -3,13 +3,13 @@
 ``scripts/remote_train.py`` is the thin command line; the pieces:
 
 Laptop side (reuses ``src.storage.output_sync``'s ControlMaster SSH session and rsync, the
-manifest and its hash cache, and ``src.vast``'s client and destroy gate):
+manifest and its hash cache, the destroy gate, and ``src.cloud``'s providers):
   ``cli``        the stages in order, each one line at its start and end, with its duration
   ``stages``     that reporting, the stage names and their exit codes
   ``connection`` opening the SSH master, and one clear line per kind of SSH failure
   ``code_sync``  what rsync sends (and never sends: .git, venvs, outputs, .env...)
   ``host``       calling the agent on the host over the open connection
-  ``vast_link``  the Vast.ai instance behind an SSH address: price, stop, gated destroy
+  ``provider_link``  the rented machine behind an SSH address: price, stop, gated destroy
 
 Host side (run with the remote interpreter inside the synced repo, standard library only
 except ``plan`` and ``monitor``):

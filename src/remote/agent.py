@@ -189,7 +189,7 @@ def cmd_status(repo: Path, args: argparse.Namespace) -> int:
 
 def cmd_monitor(repo: Path, args: argparse.Namespace) -> int:
     try:
-        from src.utils.gpu_monitor import print_gpu_status
+        from src.telemetry.gpus import print_gpu_status
 
         print_gpu_status()
     except Exception as error:  # noqa: BLE001 - no rich/pynvml here: nvidia-smi says it too

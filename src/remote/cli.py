@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from src.cloud.provider import Machine, Provider
 from src.common.paths import REPO_ROOT
 from src.common.signals import EXIT_INTERRUPTED  # a run was interrupted: outputs home, not stopped
 from src.remote.code_sync import ENV_FILE, push_code
 from src.remote.connection import Probe, open_session, probe
 from src.remote.host import RemoteHost
+from src.remote.provider_link import price_line, require_machine, shut_down
 from src.remote.runs import FINISHED_ON_PURPOSE, RunSpec, session_name
 from src.remote.stages import EXIT_DETACHED, EXIT_USAGE, StageError, StageReporter
 from src.storage.output_sync import SyncError, load_settings, transfer, verify_and_record
@@ -277,8 +279,8 @@ class RemoteTrain:
         self.reporter = reporter
         self.host: RemoteHost | None = None
         self.address: tuple[str, int] = ("", 0)
-        self.vast_client: Any = None
-        self.instance_id: int | None = None
+        self.provider: Provider | None = None  # with --stop-after / --destroy-after
+        self.machine: Machine | None = None
         self.run_names: list[str] = [args.attach] if args.attach else []
         self.local_dir = Path(args.local_dir or default_local_dir(args.host)).expanduser()
 
@@ -328,13 +330,11 @@ class RemoteTrain:
                         "and outputs travel with rsync)",
                     )
                 if self.shutdown_action:
-                    from src.remote.vast_link import require_instance
-
                     flag = f"--{self.shutdown_action}-after"
-                    self.vast_client, self.instance_id = require_instance(
+                    self.provider, self.machine = require_machine(
                         self.settings, hostname, port, flag
                     )
-                    stage.note = f"Vast.ai instance {self.instance_id}; "
+                    stage.note = f"{self.machine.label}; "
             except BaseException:
                 session.close()
                 raise
@@ -564,14 +564,12 @@ class RemoteTrain:
         action = self.shutdown_action
         hostname, port = self.address
         if action is None:
-            from src.remote.vast_link import price_line
-
             line = price_line(self.settings, hostname, port)
             if line:
                 self.say(line)
             return
-        assert self.instance_id is not None
-        with self.reporter.stage("shutdown", f"{action} Vast.ai instance {self.instance_id}") as st:
+        assert self.provider is not None and self.machine is not None
+        with self.reporter.stage("shutdown", f"{action} {self.machine.label}") as st:
             unfinished = [
                 s for s in outcome.states if s.get("exit_code") not in FINISHED_ON_PURPOSE
             ]
@@ -580,15 +578,13 @@ class RemoteTrain:
                 how = first.get("outcome") or first["state"]
                 raise StageError(
                     "shutdown",
-                    f"not {'destroying' if action == 'destroy' else 'stopping'} instance "
-                    f"{self.instance_id}: run '{first['run_name']}' {how} (its outputs are "
+                    f"not {'destroying' if action == 'destroy' else 'stopping'} "
+                    f"{self.machine.name}: run '{first['run_name']}' {how} (its outputs are "
                     "verified home); resume it, or do it yourself: "
-                    f"python scripts/launch_vast.py {action} {self.instance_id}",
+                    f"{self.provider.hand_command(action, self.machine.id)}",
                 )
-            from src.remote.vast_link import shut_down
-
             roots = [remote for remote, _ in targets]
-            st.note = shut_down(self.vast_client, self.instance_id, action, roots, self.settings)
+            st.note = shut_down(self.provider, self.machine, action, roots, self.settings)
 
     # -- modes -----------------------------------------------------------------------------
 
@@ -683,8 +679,6 @@ class RemoteTrain:
             return EXIT_INTERRUPTED if outcome.interrupted else 0
         finally:
             self.host.session.close()
-            if self.vast_client is not None:
-                self.vast_client.close()
 
 
 def _age(seconds: float | None) -> str:

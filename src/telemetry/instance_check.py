@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 from src.common.paths import resolve_output_dir
 from src.storage.s3 import make_client
-from src.utils.gpu_monitor import NvmlUnavailable, nvml_session, visible_handles
+from src.telemetry.nvml import NvmlUnavailable, nvml_session, visible_handles
 
 MB = 1_000_000
 GB = 1_000_000_000

@@ -2,7 +2,7 @@
 
 Put this folder first on ``sys.path`` / PYTHONPATH. Every call reads the JSON file named by
 ``FAKE_NVML_STATE``, so a test switches phases (busy, idle, no driver) by rewriting it,
-even for a subprocess. Only what src/utils/gpu_monitor.py calls is here, with NVML's shapes:
+even for a subprocess. Only what src/telemetry/ calls is here, with NVML's shapes:
 bytes names (old bindings), memory in bytes, power in milliwatts, NotSupported errors.
 
     {"no_driver": false, "gpus": [{"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-aaaa",

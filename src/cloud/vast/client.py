@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from src.cloud.provider import CloudError
 from src.common.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://console.vast.ai"
@@ -40,7 +41,7 @@ NO_KEY_HINT = (
 )
 
 
-class VastError(RuntimeError):
+class VastError(CloudError):
     """One line saying what failed and what to do; never contains the API key."""
 
 

@@ -18,8 +18,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from src.common.paths import REPO_ROOT
-from src.vast.client import (
+from src.cloud.vast.client import (
     NO_KEY_HINT,
     RetryPolicy,
     VastClient,
@@ -27,9 +26,10 @@ from src.vast.client import (
     VastKeyError,
     find_api_key,
 )
-from src.vast.destroy_gate import check_outputs_downloaded
-from src.vast.instances import TABLE_COLUMNS, is_active, ssh_addresses, status_of, view_of
-from src.vast.ssh_config import render_host_block, write_host_block
+from src.cloud.vast.instances import TABLE_COLUMNS, is_active, ssh_addresses, status_of, view_of
+from src.cloud.vast.provider import outputs_gate
+from src.cloud.vast.ssh_config import render_host_block, write_host_block
+from src.common.paths import REPO_ROOT
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 ONSTART_SCRIPT = REPO_ROOT / "setup" / "onstart.sh"
@@ -260,7 +260,7 @@ def _confirm_typed_id(instance_id: int, stdin: TextIO) -> bool:
 
 def cmd_destroy(client: VastClient, args: argparse.Namespace) -> int:
     instance = client.get_instance(args.instance_id)
-    gate = check_outputs_downloaded(instance, remote_root=args.remote_dir)
+    gate = outputs_gate(instance, remote_root=args.remote_dir)
     if gate.allowed:
         print(f"outputs of instance {args.instance_id} are downloaded: {gate.reason}")
     else:

@@ -1,14 +1,15 @@
-"""Whether an instance may be destroyed: only when its outputs are home and proven identical.
+"""Whether a machine may be destroyed: only when its outputs are home and proven identical.
 
-Destroying a Vast.ai instance deletes its disk. The gate looks at the outputs root
-(``SYNC_REMOTE_DIR`` from the environment or ``.env``, default ``/workspace/persistent``, or
-``destroy --remote-dir``) and finds the download manifests written by ``sync_outputs.sh`` for
-the instance's SSH address (direct or proxy) whose remote dir *covers* that root (the root
-itself or a parent: a manifest of ``run1`` says nothing about ``run2``). One of them must
-pass, right now: (1) the last sync verified, (2) the local copies still hash to the manifest,
-(3) no remote file under it changed or appeared since the sync (training may have written
-more; a file deleted remotely is still safe at home). Any doubt refuses; ``--force`` is the
-way out.
+Destroying a rented machine deletes its disk. The gate is given the machine's SSH addresses
+(its provider knows them: a Vast.ai instance has a direct and a proxy one) and looks at the
+outputs root (``SYNC_REMOTE_DIR`` from the environment or ``.env``, default
+``/workspace/persistent``, or ``destroy --remote-dir``). It finds the download manifests
+written by ``sync_outputs.sh`` for any of those addresses whose remote dir *covers* that
+root (the root itself or a parent: a manifest of ``run1`` says nothing about ``run2``). One
+of them must pass, right now: (1) the last sync verified, (2) the local copies still hash to
+the manifest, (3) no remote file under it changed or appeared since the sync (training may
+have written more; a file deleted remotely is still safe at home). Any doubt refuses;
+``--force`` is the way out.
 
 Hashes are reused from the sync's hash cache (``<manifest>.hashes``) for files whose stat
 key (size, mtime, ctime, inode) is unchanged on their side, so the check right after a sync
@@ -17,17 +18,17 @@ reads no file twice; anything touched since is hashed again.
 The remote is listed through the same SSH host the sync used (the manifest's alias or
 user@host), so ``~/.ssh/config`` (IdentityFile, ProxyJump...) applies as it did for the sync;
 ``HostName``/``Port``/``User`` are pinned to the manifest's resolved address, so an alias since
-re-pointed at another instance cannot answer for this one.
+re-pointed at another machine cannot answer for this one.
 """
 
 from __future__ import annotations
 
 import shlex
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from src.storage.manifest import (
     HashTable,
@@ -43,9 +44,22 @@ from src.storage.manifest import (
     verify_local,
 )
 from src.storage.output_sync import DEFAULT_REMOTE_DIR, REMOTE_DIR_ENV, SSH_OPTS_ENV, load_settings
-from src.vast.instances import SshAddress, ssh_addresses, status_of
 
 SYNC_SCRIPT = "./scripts/sync_outputs.sh"
+
+
+class SshEndpoint(Protocol):
+    """Where a machine answers SSH: any object with these three fields (each cloud provider
+    has its own address type, and storage knows none of them)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def user(self) -> str: ...
 
 
 @dataclass
@@ -105,7 +119,7 @@ def remote_entries(
         raise RuntimeError(str(error)) from None
 
 
-def sync_command(address: SshAddress, root: str, settings: Mapping[str, str]) -> str:
+def sync_command(address: SshEndpoint, root: str, settings: Mapping[str, str]) -> str:
     """The exact command that syncs ``root`` from this address into SYNC_LOCAL_DIR."""
     local = settings.get("SYNC_LOCAL_DIR") or "./outputs"
     return shlex.join(
@@ -154,20 +168,23 @@ def _check_manifest(
 
 
 def check_outputs_downloaded(
-    instance: Mapping[str, Any],
+    addresses: Sequence[SshEndpoint],
     environ: Mapping[str, str] | None = None,
     remote_root: str | None = None,
+    machine: str = "the machine",
 ) -> GateResult:
-    """Allowed only if a manifest covering the outputs root still matches remote and local."""
+    """Allowed only if a manifest covering the outputs root still matches remote and local.
+
+    ``addresses``: every SSH address of the machine (a sync through any of them counts);
+    ``machine`` names it in the messages (``instance 101``).
+    """
     settings = load_settings(environ)
     root = normalize_remote_dir(remote_root or settings.get(REMOTE_DIR_ENV) or DEFAULT_REMOTE_DIR)
-    instance_id = instance.get("id")
-    addresses = ssh_addresses(dict(instance))
     if not addresses:
         return GateResult(
             False,
-            f"instance {instance_id} has no SSH address (status {status_of(dict(instance))}), so "
-            f"its outputs cannot be checked: start it and sync, or pass --force",
+            f"{machine} has no SSH address, so its outputs cannot be checked: "
+            "start it and sync, or pass --force",
         )
     directory = manifest_dir(settings)
     found = [m for a in addresses for m in find_manifests(directory, a.host, a.port)]
@@ -176,9 +193,9 @@ def check_outputs_downloaded(
         where = " or ".join(f"{a.user}@{a.host} -p {a.port}" for a in addresses)
         if found:
             synced = ", ".join(sorted({m.remote_dir for _, m in found}))
-            what = f"the syncs of instance {instance_id} ({synced}) do not cover {root}"
+            what = f"the syncs of {machine} ({synced}) do not cover {root}"
         else:
-            what = f"no download manifest for instance {instance_id} ({where}) covers {root}"
+            what = f"no download manifest for {machine} ({where}) covers {root}"
         return GateResult(
             False,
             f"{what}: run {sync_command(addresses[0], root, settings)} "

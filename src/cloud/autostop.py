@@ -1,6 +1,6 @@
-"""Stop this Vast.ai instance once its GPUs have sat idle for a while (``scripts/autostop.py``).
+"""Stop this rented machine once its GPUs have sat idle for a while (``scripts/autostop.py``).
 
-Runs on the instance itself (in tmux, or started by setup/onstart.sh). "Idle" means all
+Runs on the machine itself (in tmux, or started by setup/onstart.sh). "Idle" means all
 three at every check: no process holds a CUDA context on any GPU, utilisation is under a
 threshold on every GPU, and no training run of this repo holds its run lock (a run between
 two steps, loading data or uploading its last checkpoint is not idle). Only a whole window
@@ -8,27 +8,28 @@ of idle checks stops the machine; one busy check starts the window again.
 
 It stops, never destroys: a stopped instance keeps its disk (billed as storage only) and
 starts again with everything on it. Destroying stays a human decision behind the
-downloaded-outputs gate (``launch_vast.py destroy``).
+downloaded-outputs gate (``launch_vast.py destroy``). The provider that rents the machine
+(``src.cloud.registry.provider_of_this_machine``: Vast.ai today) does the stopping.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from src.cloud.provider import CredentialsMissing, Provider
+from src.cloud.registry import NOT_HERE_HINT, provider_of_this_machine
 from src.runs.lock import held_run_locks
-from src.utils.gpu_monitor import GpuStats, read_gpu_stats
-from src.vast.pricing import CONTAINER_KEY_ENV, instance_id_from_env
+from src.telemetry.nvml import GpuStats, read_gpu_stats
 
 DEFAULT_UTIL_PERCENT = 5.0
 DEFAULT_INTERVAL_S = 30.0
 
 
 class AutostopError(RuntimeError):
-    """Autostop cannot work here (not on Vast.ai, no API key, no GPU readings): one line."""
+    """Autostop cannot work here (no provider's machine, no API key, no GPU readings): one line."""
 
 
 @dataclass(frozen=True)
@@ -79,25 +80,18 @@ class IdleWatch:
         return self.idle_since is not None and idle_for >= self.idle_s
 
 
-def vast_target(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """(instance id, API key) for stopping this machine; AutostopError off Vast.ai."""
-    from src.vast.client import find_api_key
-
-    environ = os.environ if environ is None else environ
-    instance_id = instance_id_from_env(environ)
-    if instance_id is None:
+def stop_target(environ: Mapping[str, str] | None = None) -> tuple[Provider, str]:
+    """(provider, machine id) for stopping this machine; AutostopError anywhere else."""
+    try:
+        provider = provider_of_this_machine(environ)
+    except CredentialsMissing as error:
+        raise AutostopError(f"{error}: set it so autostop can stop this machine") from None
+    if provider is None or provider.this_machine_id is None:
         raise AutostopError(
-            "not on a Vast.ai instance (no CONTAINER_ID or VAST_CONTAINERLABEL in the "
-            "environment): autostop cannot stop this machine; use your provider's idle "
+            f"{NOT_HERE_HINT}: autostop cannot stop this machine; use your provider's idle "
             "shutdown, or run it on the instance"
         )
-    key = find_api_key(environ) or (environ.get(CONTAINER_KEY_ENV) or "").strip()
-    if not key:
-        raise AutostopError(
-            f"on Vast.ai instance {instance_id} but no API key: set VASTAI_API_KEY (in .env "
-            "or the environment) so autostop can stop it"
-        )
-    return instance_id, key
+    return provider, provider.this_machine_id
 
 
 def check_machine(outputs_root: Path, util_percent: float) -> Check:
@@ -143,12 +137,3 @@ def watch(
                     f"stop failed ({str(error).splitlines()[0]}); trying again in {interval_s:g} s"
                 )
         sleep(interval_s)
-
-
-def stop_instance(instance_id: int, api_key: str, url: str | None = None) -> None:
-    """PUT state=stopped: the GPU is released, the disk is kept. Never a DELETE."""
-    from src.vast.client import RetryPolicy, VastClient
-
-    retry = RetryPolicy(attempts=3, base_delay=1.0, max_delay=5.0)
-    with VastClient(api_key, url, timeout=20.0, retry=retry) as client:
-        client.set_state(instance_id, "stopped")

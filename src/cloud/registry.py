@@ -1,0 +1,72 @@
+"""The providers this kit knows, and which of them applies: to an SSH host (those whose key
+is configured) or to this machine (the one the environment names).
+
+Kept apart from ``provider.py`` because it imports every implementation, and each
+implementation imports the protocol: one module holding both would be a cycle.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+
+from src.cloud.provider import CredentialsMissing, Provider
+from src.cloud.vast.client import KEY_ENV
+from src.cloud.vast.environment import INSTANCE_ID_ENVS
+from src.cloud.vast.provider import VastProvider
+
+# One line per provider: how to give it a key, and how a process knows it runs on it.
+CREDENTIALS_HINT = f"a Vast.ai API key ({KEY_ENV} in the environment or .env)"
+NOT_HERE_HINT = f"not on a Vast.ai instance (no {' or '.join(INSTANCE_ID_ENVS)} in the environment)"
+
+
+def configured_providers(settings: Mapping[str, str]) -> list[Provider]:
+    """The accounts whose API keys the settings (environment and .env) hold; maybe none."""
+    found: list[Provider] = []
+    vast = VastProvider.from_settings(settings)
+    if vast is not None:
+        found.append(vast)
+    return found
+
+
+def provider_of_this_machine(
+    environ: Mapping[str, str] | None = None, timeout_s: float = 20.0
+) -> Provider | None:
+    """The provider that rents the machine this process runs on (its ``this_machine_id`` set);
+    None off any provider's machine. CredentialsMissing when on one without its API key."""
+    environ = os.environ if environ is None else environ
+    return VastProvider.of_this_machine(environ, timeout_s)
+
+
+def hourly_rate_here(
+    configured: float | None = None,
+    environ: Mapping[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> float | None:
+    """$/h: ``configured`` if set; else what the provider of this machine bills for it; else
+    None. Never raises: cost tracking is optional, training is not, so a failed lookup is one
+    printed line."""
+    if configured is not None:
+        return float(configured)
+    machine = "this machine"
+    try:
+        provider = provider_of_this_machine(environ, timeout_s)
+        if provider is None or provider.this_machine_id is None:
+            return None
+        machine = f"{provider.machine_kind} {provider.this_machine_id}"
+        rate = provider.hourly_rate(provider.this_machine_id)
+        if rate is None:
+            raise ValueError(f"the {provider.machine_kind} has no hourly price")
+        return rate
+    except CredentialsMissing as error:
+        print(f"[cost] {error}: set it, or cost.hourly_rate_usd, to track cost", file=sys.stderr)
+        return None
+    except Exception as error:  # noqa: BLE001 - cost tracking is optional, training is not
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(
+            f"[cost] could not read the hourly rate of {machine}: {message}; "
+            "set cost.hourly_rate_usd to track cost",
+            file=sys.stderr,
+        )
+        return None

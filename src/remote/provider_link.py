@@ -1,0 +1,83 @@
+"""The rented machine behind an SSH address: what it costs, stopping it, and destroying it
+through the destroy gate once the outputs are verified home.
+
+An SSH host is only an address; each configured provider (``src.cloud.registry``: Vast.ai
+today) is asked whether one of its machines answers there, so any host that is not one of
+yours simply has no machine and nothing is stopped or destroyed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from src.cloud.provider import CloudError, Machine, Provider
+from src.cloud.registry import CREDENTIALS_HINT, configured_providers
+from src.remote.stages import StageError
+
+
+def require_machine(
+    settings: Mapping[str, str], hostname: str, port: int, flag: str
+) -> tuple[Provider, Machine]:
+    """For --stop-after/--destroy-after, checked before any training: the machine at
+    ``hostname:port`` and its provider; StageError("connect") when there is none."""
+    providers = configured_providers(settings)
+    if not providers:
+        raise StageError(
+            "connect", f"{flag} needs {CREDENTIALS_HINT}; set it, or leave the flag out"
+        )
+    for provider in providers:
+        try:
+            machine = provider.machine_at(hostname, port)
+        except CloudError as error:
+            raise StageError("connect", f"{flag}: {error}") from None
+        if machine is not None:
+            return provider, machine
+    provider = providers[0]
+    raise StageError(
+        "connect",
+        f"{flag}: none of your {provider.name} {provider.machine_kind}s has the SSH address "
+        f"{hostname}:{port}; check the host ({provider.hand_command('status')}), "
+        "or leave the flag out",
+    )
+
+
+def price_line(settings: Mapping[str, str], hostname: str, port: int) -> str | None:
+    """'instance 101 (...) costs $0.80/h ...' for a rented host; None for any other host."""
+    for provider in configured_providers(settings):
+        try:
+            machine = provider.machine_at(hostname, port)
+        except CloudError as error:
+            return (
+                f"could not look up the {provider.name} {provider.machine_kind} behind "
+                f"{hostname}:{port} ({error})"
+            )
+        if machine is None:
+            continue
+        rate = machine.hourly_rate_usd
+        cost = f"${rate:.3f}/h" if rate is not None else "an unknown $/h"
+        return (
+            f"{machine.name} ({machine.gpu}) still runs and costs {cost}: stop it with "
+            f"{provider.hand_command('stop', machine.id)} "
+            "(or pass --stop-after / --destroy-after next time)"
+        )
+    return None
+
+
+def shut_down(
+    provider: Provider,
+    machine: Machine,
+    action: str,
+    output_roots: list[str],
+    settings: Mapping[str, str],
+) -> str:
+    """Stop, or destroy once the gate agrees for every outputs root; one line saying what."""
+    try:
+        if action == "stop":
+            provider.stop(machine.id)
+            return f"stopped {machine.name}: the GPU is released, the disk keeps billing"
+        gate = provider.destroy(machine.id, output_roots, settings)
+    except CloudError as error:
+        raise StageError("shutdown", str(error)) from None
+    if not gate.allowed:
+        raise StageError("shutdown", f"not destroying {machine.name}: {gate.reason}")
+    return f"destroyed {machine.name} (outputs verified: {', '.join(output_roots)})"

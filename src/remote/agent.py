@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from src.remote import tmux
+from src.remote.runner import run_session
 from src.remote.runs import Registry, RunSpec, SessionSpec, tail_lines
 
 ACTIVE_STATES = {"running", "queued"}
@@ -40,8 +41,8 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def cmd_plan(repo: Path, args: argparse.Namespace) -> int:
-    from src.config import ConfigError
-    from src.remote.plan import plan_run
+    from src.config import ConfigError  # lazy: `status` works on a host before the install
+    from src.remote.plan import plan_run  # lazy: needs omegaconf, which the install brings
 
     if not (repo / args.experiment).is_file():
         return _fail(f"experiment {args.experiment} not found in {repo}", 2)
@@ -93,8 +94,6 @@ def cmd_start(repo: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_run(repo: Path, args: argparse.Namespace) -> int:
-    from src.remote.runner import run_session
-
     return run_session(repo, args.session)
 
 
@@ -189,7 +188,7 @@ def cmd_status(repo: Path, args: argparse.Namespace) -> int:
 
 def cmd_monitor(repo: Path, args: argparse.Namespace) -> int:
     try:
-        from src.telemetry.gpus import print_gpu_status
+        from src.telemetry.gpus import print_gpu_status  # lazy: rich/pynvml may be missing
 
         print_gpu_status()
     except Exception as error:  # noqa: BLE001 - no rich/pynvml here: nvidia-smi says it too

@@ -1,16 +1,16 @@
 """``RunLayout``: every file and folder of a run directory, named in one place.
 
-    <paths.output_dir>/<run_name>/
-        config.json          resolved config, secrets redacted
-        .run.lock            flock of the process that owns the run
-        checkpoints/         step_<N>.pt + step_<N>.json sidecars (the checkpoint format's)
-        best_model.pt        weights of the best evaluation so far
-        final_model.pt       weights when training ended (the run is finished)
-        training_log.json    per-epoch history
-        test_results.json    test metrics, cost, effective batch
-        tensorboard/         event files
-        wandb/               the W&B (offline) run
-        model.onnx           exports (model.onnx.json beside each)
+<paths.output_dir>/<run_name>/
+    config.json          resolved config, secrets redacted
+    .run.lock            flock of the process that owns the run
+    checkpoints/         step_<N>.pt + step_<N>.json sidecars (the checkpoint format's)
+    best_model.pt        weights of the best evaluation so far
+    final_model.pt       weights when training ended (the run is finished)
+    training_log.json    per-epoch history
+    test_results.json    test metrics, cost, effective batch
+    tensorboard/         event files
+    wandb/               the W&B (offline) run
+    model.onnx           exports (model.onnx.json beside each)
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from src.storage.manifest import (
     write_hash_cache,
     write_manifest,
 )
+from src.storage.s3 import S3SyncError, error_line, make_client, object_key, upload_directory
 
 EXIT_USAGE = 2
 STAGE_EXIT = {"connect": 10, "transfer": 11, "verify": 12, "upload": 13}
@@ -396,8 +397,6 @@ def sync_outputs(
 def upload_to_s3(manifest: Manifest, bucket: str, environ: Mapping[str, str]) -> list[str]:
     """Upload the verified files; each object is checked in the bucket (size and sha256) by
     ``upload_directory``, so a file that did not land fails here, named."""
-    from src.storage.s3 import S3SyncError, error_line, make_client, object_key, upload_directory
-
     prefix = environ.get("S3_PREFIX", "").strip()
     try:
         upload_directory(

@@ -4,11 +4,15 @@
 
 Laptop side (reuses ``src.storage.output_sync``'s ControlMaster SSH session and rsync, the
 manifest and its hash cache, and ``src.vast``'s client and destroy gate):
-  ``cli``        the stages in order, each one line at its start and end, with its duration
+  ``cli``        ``main``: arguments in, the pipeline run, errors as one line and an exit code
+  ``args``       the arguments, the experiments they name, the command that attaches again
+  ``pipeline``   the stages in order, each one line at its start and end, with its duration
   ``stages``     that reporting, the stage names and their exit codes
+  ``status_table`` ``--status``'s table of the host's runs
   ``connection`` opening the SSH master, and one clear line per kind of SSH failure
   ``code_sync``  what rsync sends (and never sends: .git, venvs, outputs, .env...)
   ``host``       calling the agent on the host over the open connection
+  ``instance_link`` the cloud instance behind the host, the only module that uses ``vast_link``
   ``vast_link``  the Vast.ai instance behind an SSH address: price, stop, gated destroy
 
 Host side (run with the remote interpreter inside the synced repo, standard library only

@@ -32,8 +32,10 @@ import torch
 
 from src.config import DEV_CONFIG, experiment_schema, load_config, to_plain_dict
 from src.data.char_text import CharTextDataConfig, build_char_datasets
-from src.export.onnx_export import export_spec, quantize_int8
-from src.export.specs import ExportRun, ExportSpec, char_gpt_spec, template_spec
+from src.export.builtin_specs import char_gpt_spec, template_spec
+from src.export.onnx.exporters import export_spec
+from src.export.onnx.int8 import quantize_int8
+from src.export.specs import ExportRun, ExportSpec
 from src.models import build_model
 from src.models.char_gpt import CharGPT, CharGPTConfig
 

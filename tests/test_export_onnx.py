@@ -27,20 +27,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from src.config import DataConfig, experiment_schema, load_config
-from src.export.onnx_export import (
-    FP32_TOLERANCE,
-    INT8_TOLERANCE,
-    CheckFailedError,
-    ExportError,
-    config_sha256,
-    export_run,
-)
+from src.export.builtin_specs import template_spec
+from src.export.errors import CheckFailedError, ExportError
+from src.export.onnx.format import FP32_TOLERANCE, INT8_TOLERANCE, OnnxFormat
+from src.export.pipeline import config_sha256, export_run
 from src.export.specs import (
     ExportRun,
     ExportSpec,
     SpecBuilder,
     register_export_spec,
-    template_spec,
     unregister_export_spec,
 )
 from src.models import build_model
@@ -130,7 +125,7 @@ def exported(runs: dict[str, Path]) -> Exports:
     template = start_export(runs["template"], "--int8")
     char_lm_log: list[str] = []
     try:
-        export_run(runs["char_lm"], "final", int8=True, log=char_lm_log.append)
+        export_run(runs["char_lm"], OnnxFormat(int8=True), "final", log=char_lm_log.append)
     finally:
         result = finish(template)
     return Exports(result, char_lm_log)
@@ -401,7 +396,7 @@ def test_users_own_model_exports_through_register_export_spec(tmp_path: Path) ->
     register_export_spec("bag_of_tokens", lambda config: "bag_dim" in config["model"], bag_spec)
     lines: list[str] = []
     try:
-        result = export_run(run_dir, log=lines.append)  # found from the run's config
+        result = export_run(run_dir, "onnx", log=lines.append)  # found from the run's config
     finally:
         unregister_export_spec("bag_of_tokens")
     meta = result.metadata
@@ -458,7 +453,9 @@ def test_dynamo_failure_falls_back_to_torchscript_and_says_so(
 ) -> None:
     run_dir = copy_run(runs["template"], tmp_path / "run")
     lines: list[str] = []
-    result = export_run(run_dir, spec=template_spec_with(DataDependentBranch), log=lines.append)
+    result = export_run(
+        run_dir, "onnx", spec=template_spec_with(DataDependentBranch), log=lines.append
+    )
     assert result.metadata["exporter"] == "torchscript"
     assert "data-dependent" in result.metadata["exporter_note"]
     said = [line for line in lines if line.startswith("exporter: ")]
@@ -481,7 +478,10 @@ def test_export_that_disagrees_with_torch_is_refused(runs: dict[str, Path], tmp_
     run_dir = copy_run(runs["template"], tmp_path / "run")
     with pytest.raises(CheckFailedError) as raised:
         export_run(
-            run_dir, spec=template_spec_with(Noisy), exporter="torchscript", log=lambda line: None
+            run_dir,
+            OnnxFormat(exporter="torchscript"),
+            spec=template_spec_with(Noisy),
+            log=lambda line: None,
         )
     assert raised.value.exit_code == 1 and "\n" not in raised.value.line
     assert raised.value.line.startswith("error: the exported model disagrees with torch: ")
@@ -565,7 +565,7 @@ def test_op_no_exporter_converts_is_one_line_and_writes_nothing(
     run_dir = copy_run(runs["template"], tmp_path / "run")
     capfd.readouterr()
     with pytest.raises(ExportError) as raised:
-        export_run(run_dir, spec="tests.test_export_onnx:unsupported_op_spec", log=print)
+        export_run(run_dir, "onnx", spec="tests.test_export_onnx:unsupported_op_spec", log=print)
     line = raised.value.line
     assert raised.value.exit_code == 2 and "\n" not in line
     assert line.startswith("error: cannot export Eigenvalues to ONNX (dynamo exporter: ")

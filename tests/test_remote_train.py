@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from src.remote.cli import main, split_also
+from src.remote.args import split_also
+from src.remote.cli import main
 from src.storage.manifest import hash_cache_path, local_stat_key, read_manifest
 from src.storage.output_sync import SshSession
 from tests.support.fake_vast_server import API_KEY, FakeVast, running_fake_vast
@@ -497,7 +498,7 @@ def test_export_failure_names_export_still_retrieves_and_destroys_nothing(
         "--attach", "loop-a", "--destroy-after", "--export-onnx", "--export-args=--spec nosuch:fn"
     )
     assert result.returncode == 17, result.stdout + result.stderr
-    assert result.stderr.startswith("remote_train: export failed: run 'loop-a': export_onnx.py")
+    assert result.stderr.startswith("remote_train: export failed: run 'loop-a': export.py")
     assert result.stderr.count("\n") == 1, result.stderr
     assert_stages_done(result.stdout, ["retrieve", "verify"])  # the run still comes home
     assert "the destroy is skipped: the export stage failed" in result.stdout
@@ -506,7 +507,7 @@ def test_export_failure_names_export_still_retrieves_and_destroys_nothing(
 
 
 def test_export_onnx_on_the_host_comes_home_verified(host: Host, first_loop) -> None:
-    result = host.run("--attach", "loop-b", "--export-onnx")
+    result = host.run("--attach", "loop-b", "--export", "onnx")  # --export-onnx: the alias
     assert result.returncode == 0, result.stdout + result.stderr
     assert_stages_done(result.stdout, ["train", "export", "retrieve", "verify"])
     assert result.stdout.index("[export] done in") < result.stdout.index("[retrieve] done in")
@@ -646,8 +647,9 @@ def test_bad_input_is_one_line_before_connecting(capsys: pytest.CaptureFixture[s
         (["h", EXPERIMENT, "--also"], "--also needs an experiment file"),
         (["h", "--also", EXPERIMENT], "--also runs after a first experiment"),
         (["h", "/etc/hostname"], "outside the repo"),
-        (["h", EXPERIMENT, "--export-args=--int8"], "--export-args goes with --export-onnx"),
-        (["h", "--status", "--export-onnx"], "--export-onnx goes with a run or --attach"),
+        (["h", EXPERIMENT, "--export-args=--int8"], "--export-args goes with --export FORMAT"),
+        (["h", "--status", "--export-onnx"], "--export goes with a run or --attach"),
+        (["h", EXPERIMENT, "--export", "tflite"], "--export tflite: no such export format"),
         (["h", EXPERIMENT, "--export-onnx", "--export-args=--spec 'x"], "--export-args: "),
     ]
     for argv, message in cases:
@@ -659,7 +661,8 @@ def test_bad_input_is_one_line_before_connecting(capsys: pytest.CaptureFixture[s
 
 
 def test_report_words_for_each_ending(capsys: pytest.CaptureFixture[str]) -> None:
-    from src.remote.cli import Outcome, RemoteTrain, parse_args
+    from src.remote.args import parse_args
+    from src.remote.pipeline import Outcome, RemoteTrain
     from src.remote.runs import describe_exit, exit_code_of
     from src.remote.stages import StageReporter
 

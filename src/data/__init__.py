@@ -1,1 +1,1 @@
-"""Data: data sets (synthetic clusters, character text), batching and the resumable sampler/loader."""
+"""Data: data sets (synthetic clusters, character text), batching, the resumable sampler."""

@@ -14,7 +14,6 @@ This module must not import torch: a test loads it with ``import torch`` made to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,21 +22,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-# onnxruntime's type strings -> the numpy dtype an input is converted to.
-ONNX_TO_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-}
+from src.common.atomic_io import sha256_file
+from src.export.onnx.dtypes import ONNX_TO_NUMPY
+from src.export.sidecar import metadata_path_for
 
-
-def metadata_path_for(model_path: str | os.PathLike[str]) -> Path:
-    """``model.onnx`` -> ``model.onnx.json`` (the sidecar the exporter writes)."""
-    path = Path(model_path)
-    return path.with_name(path.name + ".json")
+__all__ = ["ONNX_TO_NUMPY", "OnnxModel", "log_softmax", "metadata_path_for", "softmax"]
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -49,14 +38,6 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     shifted = logits - logits.max(axis=axis, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class OnnxModel:
@@ -87,7 +68,7 @@ class OnnxModel:
         sidecar = metadata_path_for(self.path)
         self.metadata: dict[str, Any] = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
         expected = self.metadata.get("sha256")
-        if check_sha256 and expected and _sha256(self.path) != expected:
+        if check_sha256 and expected and sha256_file(self.path) != expected:
             raise ValueError(
                 f"{self.path} does not match the sha256 in {sidecar.name}: the copy is "
                 "incomplete or the files are from different exports; copy both again"

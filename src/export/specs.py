@@ -2,11 +2,9 @@
 
 The run directory holds only weights (a state_dict) and ``config.json``; the code that
 turns them back into a module lives with the experiment. A *spec builder* is that code:
-``build(run: ExportRun) -> ExportSpec``. Two are built in, picked from the run's config:
-
-- ``template``: any model of ``src/models``'s registry (``model.name``) fed
-  ``[batch, data.num_features]`` float features (the template experiment).
-- ``char_gpt``: ``CharGPT`` on ``[batch, sequence]`` token ids (the char LM experiment).
+``build(run: ExportRun) -> ExportSpec``. Every export format starts from one. Two are built
+in (``src.export.builtin_specs``), picked from the run's config: ``template`` (the template
+experiment's models) and ``char_gpt`` (the char LM).
 
 Your own model: write a builder in an importable module (``src/models/my_model.py``; not in
 ``experiments/``, whose files train when imported) and either pass it by name,
@@ -22,7 +20,6 @@ post-training hook) finds it from the run's config by itself::
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,11 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.export.inference import log_softmax
-
-# onnxruntime's side of a check: input name -> array in, the model's outputs out.
+# The exported model's side of a check: input name -> array in, its outputs out.
 Predict = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
-EVAL_BATCH = 64
 
 
 @dataclass
@@ -61,7 +55,7 @@ class ExportSpec:
     exporter: a batch of 2, not 1, so the batch axis is not specialised to a constant.
     ``evaluate(predict)``: metrics on the run's test split through ``predict`` (used by
     ``--int8`` to compare the fp32 and int8 models); None when the data can't be rebuilt.
-    ``metadata``: extra JSON for ``model.onnx.json`` (the char LM's vocabulary, say).
+    ``metadata``: extra JSON for each exported file's sidecar (the char LM's vocabulary, say).
     """
 
     model: nn.Module
@@ -143,160 +137,3 @@ def load_spec_builder(reference: str) -> SpecBuilder:
             "that builds your ExportSpec"
         )
     return builder
-
-
-# ----- built-in: the template experiment (src/models registry, synthetic features) ---------
-
-
-def _is_template(config: dict[str, Any]) -> bool:
-    from src.models import MODEL_BUILDERS
-
-    data = config["data"]
-    return config["model"].get("name") in MODEL_BUILDERS and {
-        "num_features",
-        "num_classes",
-    } <= set(data)
-
-
-def _template_test_split(data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    from src.data.synthetic import make_classification, split
-
-    dataset = make_classification(
-        data["num_samples"], data["num_features"], data["num_classes"], data["noise"], data["seed"]
-    )
-    _, _, test_set = split(dataset, data["val_fraction"], data["test_fraction"], data["seed"])
-    features, labels = dataset.tensors
-    indices = torch.tensor(test_set.indices)
-    return features[indices].numpy(), labels[indices].numpy()
-
-
-def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    log_probs = log_softmax(logits.astype(np.float64))
-    loss = -log_probs[np.arange(len(labels)), labels].mean()
-    return {"loss": float(loss), "accuracy": float((logits.argmax(-1) == labels).mean())}
-
-
-def template_spec(run: ExportRun) -> ExportSpec:
-    from omegaconf import OmegaConf
-
-    from src.models import build_model
-
-    data = run.config["data"]
-    num_features = int(data["num_features"])
-    model = build_model(OmegaConf.create(run.config["model"]), num_features, data["num_classes"])
-    model.load_state_dict(run.state_dict)
-
-    def make_inputs(batch: int, _seq: int | None, generator: torch.Generator):
-        return (torch.randn(batch, num_features, generator=generator),)
-
-    def evaluate(predict: Predict) -> dict[str, float]:
-        features, labels = _template_test_split(data)
-        logits = np.concatenate(
-            [
-                predict({"features": features[start : start + EVAL_BATCH]})[0]
-                for start in range(0, len(features), EVAL_BATCH)
-            ]
-        )
-        return classification_metrics(logits, labels)
-
-    return ExportSpec(
-        model=model,
-        input_names=["features"],
-        output_names=["logits"],
-        example_inputs=make_inputs(2, None, torch.Generator().manual_seed(0)),
-        make_inputs=make_inputs,
-        evaluate=evaluate,
-        metadata={"num_classes": int(data["num_classes"]), "output": "logits"},
-    )
-
-
-# ----- built-in: the char LM experiment (CharGPT on token ids) -----------------------------
-
-
-def _char_gpt_fields() -> set[str]:
-    from src.models.char_gpt import CharGPTConfig
-
-    return {item.name for item in dataclasses.fields(CharGPTConfig)}
-
-
-def _is_char_gpt(config: dict[str, Any]) -> bool:
-    return set(config["model"]) == _char_gpt_fields()
-
-
-def lm_metrics(
-    logits: np.ndarray, targets: np.ndarray, ignore_index: int
-) -> tuple[float, int, int]:
-    """(summed next-token NLL, tokens, correct) over targets that are not padding."""
-    mask = targets != ignore_index
-    log_probs = log_softmax(logits.astype(np.float64))
-    picked = np.take_along_axis(log_probs, np.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
-    correct = (logits.argmax(-1) == targets) & mask
-    return float(-(picked * mask).sum()), int(mask.sum()), int(correct.sum())
-
-
-def char_gpt_spec(run: ExportRun) -> ExportSpec:
-    from src.data.char_text import (
-        IGNORE_INDEX,
-        PAD_ID,
-        CharTextDataConfig,
-        build_char_datasets,
-        pad_batch,
-    )
-    from src.models.char_gpt import CharGPT, CharGPTConfig
-
-    model_cfg = CharGPTConfig(**run.config["model"])
-    vocab_size = int(run.state_dict["token_embedding.weight"].shape[0])  # from the data
-    model = CharGPT(model_cfg, vocab_size=vocab_size)
-    model.load_state_dict(run.state_dict)
-    block = model_cfg.block_size
-
-    def make_inputs(batch: int, seq_len: int | None, generator: torch.Generator):
-        length = seq_len or block
-        return (torch.randint(1, vocab_size, (batch, length), generator=generator),)
-
-    # The vocabulary comes from the corpus, which is rebuilt from the config: the same ids
-    # only if the matched files have not changed since training (same size is the check).
-    metadata: dict[str, Any] = {"block_size": block, "pad_id": PAD_ID, "output": "logits"}
-    evaluate = None
-    try:
-        data = build_char_datasets(CharTextDataConfig(**run.config["data"]), block)
-    except (ValueError, OSError) as error:
-        metadata["vocab_note"] = f"corpus not rebuilt: {error}"
-    else:
-        if len(data.vocab) != vocab_size:
-            metadata["vocab_note"] = (
-                f"the corpus now gives {len(data.vocab)} ids, the weights have {vocab_size}: "
-                "its files changed since training, so no vocab and no test-split metrics"
-            )
-        else:
-            metadata["vocab"] = "".join(data.vocab.chars)  # id = index + 1; 0 is padding
-
-            def evaluate(predict: Predict) -> dict[str, float]:
-                nll, tokens, correct = 0.0, 0, 0
-                samples = [data.test[i] for i in range(len(data.test))]
-                for start in range(0, len(samples), EVAL_BATCH):
-                    batch = pad_batch(samples[start : start + EVAL_BATCH])
-                    logits = predict({"input_ids": batch["input_ids"].numpy()})[0]
-                    part = lm_metrics(logits, batch["targets"].numpy(), IGNORE_INDEX)
-                    nll, tokens, correct = nll + part[0], tokens + part[1], correct + part[2]
-                loss = nll / max(1, tokens)
-                return {
-                    "loss": loss,
-                    "perplexity": float(np.exp(loss)),
-                    "accuracy": correct / max(1, tokens),
-                }
-
-    return ExportSpec(
-        model=model,
-        input_names=["input_ids"],
-        output_names=["logits"],
-        example_inputs=make_inputs(2, min(8, block), torch.Generator().manual_seed(0)),
-        make_inputs=make_inputs,
-        seq_lengths=tuple(sorted({1, min(7, block), block})),
-        evaluate=evaluate,
-        metadata=metadata,
-    )
-
-
-register_export_spec("template", _is_template, template_spec)
-register_export_spec("char_gpt", _is_char_gpt, char_gpt_spec)

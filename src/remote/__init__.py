@@ -4,12 +4,16 @@
 
 Laptop side (reuses ``src.storage.output_sync``'s ControlMaster SSH session and rsync, the
 manifest and its hash cache, the destroy gate, and ``src.cloud``'s providers):
-  ``cli``        the stages in order, each one line at its start and end, with its duration
+  ``cli``        ``main``: arguments in, the pipeline run, errors as one line and an exit code
+  ``args``       the arguments, the experiments they name, the command that attaches again
+  ``pipeline``   the stages in order, each one line at its start and end, with its duration
   ``stages``     that reporting, the stage names and their exit codes
+  ``status_table`` ``--status``'s table of the host's runs
   ``connection`` opening the SSH master, and one clear line per kind of SSH failure
   ``code_sync``  what rsync sends (and never sends: .git, venvs, outputs, .env...)
   ``host``       calling the agent on the host over the open connection
-  ``provider_link``  the rented machine behind an SSH address: price, stop, gated destroy
+  ``provider_link`` the rented machine behind the SSH address, through its provider: price,
+                 stop, destroy through the gate
 
 Host side (run with the remote interpreter inside the synced repo, standard library only
 except ``plan`` and ``monitor``):

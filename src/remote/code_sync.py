@@ -16,7 +16,7 @@ from src.storage.output_sync import SshSession, SyncError, TransferStats, run_rs
 
 # rsync filter patterns: a leading '/' anchors at the repo root, a trailing '/' means folders.
 CODE_EXCLUDES = (
-    ".git/",
+    ".git",  # a folder, or in a git worktree a file pointing to a laptop path
     ".hg/",
     ".svn/",
     "/.venv/",

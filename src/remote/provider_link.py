@@ -9,6 +9,7 @@ yours simply has no machine and nothing is stopped or destroyed.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from src.cloud.provider import CloudError, Machine, Provider
 from src.cloud.registry import CREDENTIALS_HINT, configured_providers
@@ -81,3 +82,29 @@ def shut_down(
     if not gate.allowed:
         raise StageError("shutdown", f"not destroying {machine.name}: {gate.reason}")
     return f"destroyed {machine.name} (outputs verified: {', '.join(output_roots)})"
+
+
+@dataclass(frozen=True)
+class InstanceLink:
+    """The machine found behind the SSH host for --stop-after / --destroy-after."""
+
+    provider: Provider
+    machine: Machine
+
+    @classmethod
+    def require(
+        cls, settings: Mapping[str, str], hostname: str, port: int, flag: str
+    ) -> InstanceLink:
+        """The machine at ``hostname:port``, or StageError("connect") naming ``flag``."""
+        return cls(*require_machine(settings, hostname, port, flag))
+
+    def describe(self) -> str:
+        return self.machine.label
+
+    def manual_command(self, action: str) -> str:
+        """What the user runs to ``stop`` or ``destroy`` the machine themselves."""
+        return self.provider.hand_command(action, self.machine.id)
+
+    def shut_down(self, action: str, output_roots: list[str], settings: Mapping[str, str]) -> str:
+        """Stop, or destroy through the destroy gate; one line saying what was done."""
+        return shut_down(self.provider, self.machine, action, output_roots, settings)

@@ -28,6 +28,10 @@ class RunInUseError(ConfigError):
 
     label = "error"
 
+    def __init__(self, message: str, holder: str = "another process") -> None:
+        super().__init__(message)
+        self.holder = holder  # "PID 123 on host (since ...)", for callers that word their own line
+
 
 class RunLock:
     """A held lock; ``release()`` when this process is done with the run (or just exit)."""
@@ -76,7 +80,8 @@ def acquire_run_lock(run_dir: Path) -> RunLock:
             _remove_if_only_lock(path)
         raise RunInUseError(
             f"run directory {run_dir} is in use by {holder}: wait for that run to finish, "
-            f"stop it (kill -TERM {pid}: it saves and exits), or use another run_name"
+            f"stop it (kill -TERM {pid}: it saves and exits), or use another run_name",
+            holder,
         ) from None
     info = {
         "pid": os.getpid(),

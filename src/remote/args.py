@@ -1,0 +1,235 @@
+"""remote_train's command line: the arguments, the experiments they name, and the command
+that attaches to a run again (printed when the user detaches or the connection drops).
+
+Everything here is checked before anything touches the host: bad input is a UsageError, one
+line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from src.common.paths import REPO_ROOT
+from src.export.registry import format_names
+
+SCRIPT = "python scripts/remote_train.py"
+
+
+class UsageError(ValueError):
+    """Bad input: one line, exit 2, nothing done."""
+
+
+@dataclass
+class Experiment:
+    path: str  # relative to the repo root, '/'-separated
+    args: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return shlex.join([self.path, *self.args])
+
+
+def _is_override(token: str) -> bool:
+    return "=" in token and not token.startswith("-")
+
+
+def split_also(argv: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(main argv, one [EXPERIMENT, args...] per --also). After ``--also EXPERIMENT``, the
+    ``key=value`` tokens (and ``--config PATH``) that follow belong to that experiment."""
+    main: list[str] = []
+    groups: list[list[str]] = []
+    current: list[str] | None = None
+    tokens = list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        if token == "--also" or token.startswith("--also="):
+            value = token.partition("=")[2] if "=" in token else (tokens.pop(0) if tokens else "")
+            if not value or value.startswith("-"):
+                raise UsageError("--also needs an experiment file: --also experiments/b.py")
+            current = [value]
+            groups.append(current)
+        elif current is not None and _is_override(token):
+            current.append(token)
+        elif current is not None and (token == "--config" or token.startswith("--config=")):
+            current.append(token)
+            if token == "--config" and tokens:
+                current.append(tokens.pop(0))
+        else:
+            current = None
+            main.append(token)
+    return main, groups
+
+
+def extract_config(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull the experiment's own ``--config PATH`` out of the main argv."""
+    rest, config = [], []
+    tokens = list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        if token == "--config":
+            if not tokens:
+                raise UsageError("--config needs a path: --config configs/prod_config.yaml")
+            config += [token, tokens.pop(0)]
+        elif token.startswith("--config="):
+            config.append(token)
+        else:
+            rest.append(token)
+    return rest, config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="remote_train.py",
+        description="Sync the code to HOST, install, train EXPERIMENT detached in tmux, stream "
+        "its log, retrieve and verify the run directory, then optionally stop or destroy the "
+        "Vast.ai instance. Docs: README.md and docs/vast_and_sync.md.",
+    )
+    parser.add_argument("host", help="~/.ssh/config alias or user@host (e.g. vastai-instance-1)")
+    parser.add_argument("experiment", nargs="?", help="e.g. experiments/template_experiment.py")
+    parser.add_argument("overrides", nargs="*", help="key=value for the experiment")
+    parser.add_argument(
+        "--also",
+        metavar="EXPERIMENT",
+        help="run this experiment (with the key=value that follow it) after, in the same "
+        "tmux session; repeatable",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--status", action="store_true", help="runs on the host and their state")
+    mode.add_argument("--attach", metavar="RUN_NAME", help="follow a run, then retrieve it")
+    mode.add_argument("--monitor", action="store_true", help="GPU table and log tails")
+    parser.add_argument("-p", "--port", type=int, help="SSH port (default: ~/.ssh/config)")
+    parser.add_argument(
+        "--remote-dir", help=f"where the code goes (default /workspace/{REPO_ROOT.name})"
+    )
+    parser.add_argument("--python", default="python3", help="the host's interpreter")
+    parser.add_argument("--local-dir", help="where outputs come home (default ./outputs/HOST)")
+    shutdown = parser.add_mutually_exclusive_group()
+    shutdown.add_argument(
+        "--stop-after", action="store_true", help="Vast.ai: stop the instance once verified"
+    )
+    shutdown.add_argument(
+        "--destroy-after",
+        action="store_true",
+        help="Vast.ai: destroy the instance once its outputs are verified (destroy gate)",
+    )
+    parser.add_argument("--no-install", action="store_true", help="skip setup/install_deps.sh")
+    parser.add_argument("--with-env", action="store_true", help="also send .env (API keys)")
+    parser.add_argument(
+        "--verify-all", action="store_true", help="re-hash every retrieved file on both sides"
+    )
+    export = parser.add_mutually_exclusive_group()
+    export.add_argument(
+        "--export",
+        metavar="FORMAT",
+        help="on the host, export each finished run (scripts/export.py --format FORMAT) before "
+        f"retrieving it, so its files come home verified with the run; formats: "
+        f"{', '.join(format_names())}",
+    )
+    export.add_argument(
+        "--export-onnx",
+        dest="export",
+        action="store_const",
+        const="onnx",
+        help="the same as --export onnx",
+    )
+    parser.add_argument(
+        "--export-args",
+        default="",
+        metavar="'ARGS'",
+        help="options for scripts/export.py, written with '=': "
+        "--export-args='--int8 --weights final'",
+    )
+    parser.add_argument("--tmux-socket", help=argparse.SUPPRESS)  # tests: a tmux of their own
+    return parser
+
+
+def experiment_of(path_text: str, args: list[str], repo_root: Path = REPO_ROOT) -> Experiment:
+    """The experiment as a path inside the repo (it is synced with it); UsageError if not."""
+    path = Path(path_text).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, repo_root / path]
+    found = next((c.resolve() for c in candidates if c.is_file()), None)
+    if found is None:
+        raise UsageError(f"experiment {path_text} not found: give a file such as {_example()}")
+    try:
+        relative = found.relative_to(repo_root.resolve())
+    except ValueError:
+        raise UsageError(
+            f"experiment {path_text} is outside the repo ({repo_root}): only the repo is synced, "
+            "so put the file under experiments/"
+        ) from None
+    bad = [arg for arg in args if not _is_override(arg) and not arg.startswith("--config")]
+    if bad:
+        raise UsageError(
+            f"'{bad[0]}' is not key=value: experiment settings look like trainer.max_steps=300"
+        )
+    return Experiment(relative.as_posix(), list(args))
+
+
+def _example() -> str:
+    return "experiments/template_experiment.py"
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Experiment]]:
+    main_argv, also_groups = split_also(argv)
+    main_argv, config = extract_config(main_argv)
+    args = build_parser().parse_intermixed_args(main_argv)
+    experiments: list[Experiment] = []
+    if args.experiment:
+        experiments.append(experiment_of(args.experiment, [*config, *args.overrides]))
+    elif args.overrides or config:
+        raise UsageError("key=value settings need an experiment before them")
+    for group in also_groups:
+        experiments.append(experiment_of(group[0], group[1:]))
+    modes = [args.status, bool(args.attach), args.monitor, bool(experiments)]
+    if sum(modes) != 1:
+        raise UsageError(
+            f"give an experiment (e.g. {_example()}), or one of --status, --attach RUN_NAME, "
+            "--monitor"
+        )
+    if also_groups and not args.experiment:
+        raise UsageError("--also runs after a first experiment: give that one first")
+    if (args.stop_after or args.destroy_after) and (args.status or args.monitor):
+        raise UsageError("--stop-after / --destroy-after go with a run or --attach")
+    if not args.python.strip():
+        raise UsageError("--python needs an interpreter, e.g. --python python3")
+    if args.export and args.export not in format_names():
+        raise UsageError(
+            f"--export {args.export}: no such export format; choose {', '.join(format_names())}"
+        )
+    if args.export_args and not args.export:
+        raise UsageError("--export-args goes with --export FORMAT")
+    try:
+        args.export_args = shlex.split(args.export_args)
+    except ValueError as error:
+        raise UsageError(f"--export-args: {error}") from None
+    if args.export and (args.status or args.monitor):
+        raise UsageError("--export goes with a run or --attach")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a TCP port")
+    if args.local_dir and Path(args.local_dir).expanduser().exists():
+        if not Path(args.local_dir).expanduser().is_dir():
+            raise UsageError(f"--local-dir {args.local_dir} exists and is not a folder")
+    return args, experiments
+
+
+def default_local_dir(host: str) -> Path:
+    return Path("outputs") / re.sub(r"[^A-Za-z0-9._@-]", "_", host)
+
+
+def attach_command(args: argparse.Namespace, run_name: str) -> str:
+    """The command that follows ``run_name`` again with the same options."""
+    extra = []
+    if args.port:
+        extra += ["-p", str(args.port)]
+    for flag in ("remote_dir", "python", "local_dir"):
+        value = getattr(args, flag)
+        if value and not (flag == "python" and value == "python3"):
+            extra += [f"--{flag.replace('_', '-')}", value]
+    if args.export:
+        extra += ["--export", args.export]
+        if args.export_args:
+            extra.append(f"--export-args={shlex.join(args.export_args)}")
+    return f"{SCRIPT} {shlex.join([args.host, '--attach', run_name, *extra])}"

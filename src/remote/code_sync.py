@@ -39,12 +39,15 @@ CODE_EXCLUDES = (
     "/.deps-installed-*",
     "/.remote_runs/",
 )
+# Code folders whose names the excludes above would catch; rsync takes the first match.
+CODE_INCLUDES = ("/src/checkpoints/",)
 ENV_FILE = ".env"
 
 
 def rsync_exclude_options(with_env: bool) -> list[str]:
     patterns = list(CODE_EXCLUDES) + ([] if with_env else [ENV_FILE])
-    return [f"--exclude={pattern}" for pattern in patterns]
+    includes = [f"--include={pattern}" for pattern in CODE_INCLUDES]
+    return includes + [f"--exclude={pattern}" for pattern in patterns]
 
 
 def push_code(

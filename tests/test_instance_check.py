@@ -14,25 +14,26 @@ import pytest
 import torch
 
 from src.common.paths import REPO_ROOT
+from src.telemetry.gpu_peaks import pcie_link_for, peak_for
 from src.telemetry.instance_check import (
     EXIT_BELOW_EFFICIENCY,
-    CheckSizes,
     Report,
-    disk_need_bytes,
     disk_verdict,
-    disk_write_mbs,
     gpu_verdicts,
+    overall_line,
+    print_report,
+    run_checks,
+    s3_verdict,
+)
+from src.telemetry.probes import (
+    CheckSizes,
+    disk_need_bytes,
+    disk_write_mbs,
     host_transfer_gbs,
     matmul_tflops,
     measure_gpu,
     memory_bandwidth_gbs,
-    overall_line,
-    pcie_link_for,
-    peak_for,
-    print_report,
-    run_checks,
     s3_transfer_mbs,
-    s3_verdict,
 )
 from tests.support.moto_server import AWS_ENV, running_moto_s3
 

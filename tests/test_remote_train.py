@@ -435,6 +435,31 @@ def test_install_failure_names_install(host: Host, first_loop) -> None:
     assert "[train]" not in result.stdout and host.fake.count("DELETE") == 0
 
 
+def test_check_prints_the_verdict_before_training(host: Host, first_loop) -> None:
+    result = host.run(EXPERIMENT, "run_name=checked", *TINY, "--check", "--no-install")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_stages_done(result.stdout, ["connect", "sync", "check", "train", "retrieve", "verify"])
+    out = result.stdout
+    assert f"[check] {host.python} scripts/check_instance.py --quick" in out
+    assert out.index("disk write:") < out.index("[train] ")
+    assert "[check] done in" in out and "no GPU here: measured the disk" in out
+
+
+def test_min_gpu_efficiency_refuses_a_machine_without_a_gpu(host: Host, first_loop) -> None:
+    result = host.run(
+        EXPERIMENT, "run_name=refused", *TINY, "--min-gpu-efficiency", "0.8", "--destroy-after"
+    )
+    assert result.returncode == 18, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        "remote_train: check failed: not training on testhost: no GPU here, and "
+        "--min-gpu-efficiency needs one; nothing has trained there, so nothing needs "
+        "downloading: release it with python scripts/launch_vast.py destroy 101"
+    )
+    assert "[train]" not in result.stdout and host.fake.count("DELETE") == 0
+    assert not (host.outputs / "refused").exists()
+
+
 def test_crash_is_reported_retrieved_and_destroys_nothing(host: Host, first_loop) -> None:
     running = host.start(
         EXPERIMENT, "run_name=crashing", "trainer.max_steps=100000", "--destroy-after"
@@ -651,6 +676,8 @@ def test_bad_input_is_one_line_before_connecting(capsys: pytest.CaptureFixture[s
         (["h", "--status", "--export-onnx"], "--export goes with a run or --attach"),
         (["h", EXPERIMENT, "--export", "tflite"], "--export tflite: no such export format"),
         (["h", EXPERIMENT, "--export-onnx", "--export-args=--spec 'x"], "--export-args: "),
+        (["h", EXPERIMENT, "--min-gpu-efficiency", "1.5"], "must be in (0, 1], got 1.5"),
+        (["h", "--status", "--check"], "--check / --min-gpu-efficiency go with a run"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

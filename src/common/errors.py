@@ -14,3 +14,8 @@ class ConfigError(ValueError):
     def line(self) -> str:
         """The one line a script prints before exiting with EXIT_CONFIG_ERROR."""
         return f"{self.label}: {self}"
+
+
+# scripts/check_instance.py --min-gpu-efficiency: a GPU delivers less than that share of its
+# peak (remote_train --check reads it from the host to refuse training there).
+EXIT_BELOW_EFFICIENCY = 3

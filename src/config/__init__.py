@@ -13,13 +13,13 @@ from src.config.loading import (
     PROD_CONFIG,
     RENAMED_KEYS,
     default_config_path,
-    rename_old_override,
     describe_config_error,
     in_notebook,
     load_config,
     load_dotenv_file,
     load_yaml_mapping,
     parse_cli,
+    rename_old_override,
     validate,
 )
 from src.config.schema import (

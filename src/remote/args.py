@@ -116,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Vast.ai: destroy the instance once its outputs are verified (destroy gate)",
     )
     parser.add_argument("--no-install", action="store_true", help="skip setup/install_deps.sh")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="after the install, measure the machine (scripts/check_instance.py --quick) and "
+        "print its verdict before training",
+    )
+    parser.add_argument(
+        "--min-gpu-efficiency",
+        type=float,
+        metavar="F",
+        help="with --check: refuse to train when a GPU delivers less than F (0-1] of its "
+        "bf16 peak (implies --check)",
+    )
     parser.add_argument("--with-env", action="store_true", help="also send .env (API keys)")
     parser.add_argument(
         "--verify-all", action="store_true", help="re-hash every retrieved file on both sides"
@@ -207,6 +220,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Experiment]]:
         raise UsageError(f"--export-args: {error}") from None
     if args.export and (args.status or args.monitor):
         raise UsageError("--export goes with a run or --attach")
+    if args.min_gpu_efficiency is not None:
+        if not 0 < args.min_gpu_efficiency <= 1:
+            raise UsageError(
+                f"--min-gpu-efficiency must be in (0, 1], got {args.min_gpu_efficiency} "
+                "(e.g. 0.8: at least 80% of the GPU's bf16 peak)"
+            )
+        args.check = True
+    if args.check and not experiments:
+        raise UsageError("--check / --min-gpu-efficiency go with a run (they run before training)")
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a TCP port")
     if args.local_dir and Path(args.local_dir).expanduser().exists():

@@ -22,6 +22,7 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from src.common.errors import EXIT_BELOW_EFFICIENCY
 from src.common.paths import REPO_ROOT
 from src.common.signals import EXIT_INTERRUPTED  # a run was interrupted: outputs home, not stopped
 from src.remote.args import Experiment, UsageError, attach_command, default_local_dir
@@ -35,6 +36,7 @@ from src.remote.status_table import print_status_table
 from src.storage.output_sync import SyncError, transfer, verify_and_record
 
 EXPORT_SCRIPT = "scripts/export.py"  # run on the host, in the synced repo
+CHECK_SCRIPT = "scripts/check_instance.py"
 ATTACH_TAIL_BYTES = 4096
 REPORT_TAIL_LINES = 15
 
@@ -174,6 +176,44 @@ class RemoteTrain:
             elif "WARNING" in text and "GPU" in text:
                 notes.append("GPU present but unusable by torch: see the warning above")
             stage.note = "; ".join(notes)
+
+    def check(self) -> None:
+        """scripts/check_instance.py on the host, its verdict lines shown; with
+        --min-gpu-efficiency a machine below it fails this stage before any training."""
+        assert self.host is not None
+        options = ["--quick"]
+        if self.args.min_gpu_efficiency is not None:
+            options += ["--min-gpu-efficiency", str(self.args.min_gpu_efficiency)]
+        script = shlex.join([self.args.python, CHECK_SCRIPT, *options])
+        with self.reporter.stage("check", script) as stage:
+            sink = _CapturingSink()
+            code, ssh_error = self.host.stream(self.host.in_repo(f"{script} 2>&1"), sink)  # type: ignore[arg-type]
+            lines = [line for line in sink.captured.decode(errors="replace").splitlines()]
+            overall = next((ln for ln in reversed(lines) if ln.startswith("[check] ")), "")
+            if code == 255:
+                raise StageError("check", f"SSH connection dropped: {ssh_error}")
+            no_gpu = overall.startswith("[check] no GPU here")
+            if no_gpu and self.args.min_gpu_efficiency is not None:
+                code = EXIT_BELOW_EFFICIENCY
+                overall = "[check] no GPU here, and --min-gpu-efficiency needs one"
+            if code == EXIT_BELOW_EFFICIENCY:
+                release = ""
+                if self.instance is not None:
+                    action = self.shutdown_action or "destroy"
+                    release = (
+                        f"; nothing has trained there, so nothing needs downloading: release it "
+                        f"with {self.instance.manual_command(action)}"
+                    )
+                raise StageError(
+                    "check",
+                    f"not training on {self.args.host}: {overall.removeprefix('[check] ')}"
+                    f"{release}",
+                )
+            if code != 0:
+                last = next((ln for ln in reversed(lines) if ln.strip()), ssh_error or "no output")
+                raise StageError("check", f"{CHECK_SCRIPT} exited with code {code}: {last}")
+            summary = [ln for ln in lines if ln.startswith("[check] ") and "delivers" in ln]
+            stage.note = summary[-1].removeprefix("[check] ") if summary else overall
 
     def start(self) -> tuple[str, bool]:
         """Plan and start the runs; (session, attached to one already running)."""
@@ -424,6 +464,8 @@ class RemoteTrain:
                 self.sync()
                 if not self.args.no_install:
                     self.install()
+                if self.args.check:
+                    self.check()
                 what = ", then ".join(e.describe() for e in self.experiments)
                 session, attaching = None, False
             with self.reporter.stage("train", what) as stage:

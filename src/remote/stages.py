@@ -14,9 +14,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
 
-# In the order of their exit codes (connect 10 ... shutdown 16, export 17); export runs
-# between train and retrieve, but came later, so it takes the next free code.
-STAGES = ("connect", "sync", "install", "train", "retrieve", "verify", "shutdown", "export")
+# In the order of their exit codes (connect 10 ... shutdown 16, export 17, check 18); export
+# (between train and retrieve) and check (between install and train) came later, so they
+# take the next free codes.
+STAGES = (
+    "connect",
+    "sync",
+    "install",
+    "train",
+    "retrieve",
+    "verify",
+    "shutdown",
+    "export",
+    "check",
+)
 STAGE_EXIT = {name: 10 + index for index, name in enumerate(STAGES)}
 EXIT_USAGE = 2
 EXIT_DETACHED = 130  # Ctrl-C: training goes on on the host

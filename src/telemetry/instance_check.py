@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from src.common.errors import EXIT_BELOW_EFFICIENCY
 from src.common.paths import resolve_output_dir
 from src.storage.s3 import make_client
 from src.telemetry.gpu_peaks import GB, MB, PCIE_EFFICIENCY, PCIE_LANE_GBS, pcie_link_for, peak_for
@@ -259,9 +260,6 @@ def run_checks(
         except Exception as error:  # a check reports a broken bucket, it does not crash
             report.s3 = {"bucket": s3_bucket, "error": str(error).splitlines()[0]}
     return report
-
-
-EXIT_BELOW_EFFICIENCY = 3
 
 
 def print_report(report: Report, min_gpu_efficiency: float | None = None) -> int:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from src.cloud.registry import offer_claims_here
 from src.telemetry.instance_check import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(offer_claims=offer_claims_here))

@@ -35,6 +35,8 @@ from src.telemetry.probes import (
     memory_bandwidth_gbs,
     s3_transfer_mbs,
 )
+from tests.support.fake_vast_server import API_KEY as VAST_KEY
+from tests.support.fake_vast_server import running_fake_vast
 from tests.support.moto_server import AWS_ENV, running_moto_s3
 
 CPU = torch.device("cpu")
@@ -228,3 +230,23 @@ def test_measure_gpu_reads_plausible_figures_on_a_real_gpu() -> None:
     figures = measure_gpu(0, CheckSizes.quick())
     assert figures["bf16_tflops"] > 1 and figures["memory_gbs"] > 50 and figures["h2d_gbs"] > 1
     assert figures["name"] == torch.cuda.get_device_name(0)
+
+
+def test_on_a_vast_instance_the_offer_claims_stand_beside_the_figures(tmp_path: Path) -> None:
+    """Through the provider seam: the instance's own claims (fake Vast.ai API) are printed
+    beside what was measured, and written to --json."""
+    with running_fake_vast() as vast:
+        vast.instances[101]["disk_bw"] = 1e9  # a host that oversells its disk
+        done = run_script(
+            "--quick",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--json",
+            str(tmp_path / "report.json"),
+            env={"CONTAINER_ID": "101", "VASTAI_API_KEY": VAST_KEY, "VAST_URL": vast.url},
+        )
+    assert done.returncode == 0, done.stderr
+    assert "LOW  offer disk_bw: claims 1000000000.0 MB/s disk write, measured " in done.stdout
+    assert "offer dlperf: claims 61.2 DLPerf (not measured)" in done.stdout
+    assert json.loads((tmp_path / "report.json").read_text())["offer"]["pcie_bw"] == 24.6
+    assert VAST_KEY not in done.stdout + done.stderr

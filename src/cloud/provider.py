@@ -77,6 +77,12 @@ class Provider(Protocol):
         """What the machine bills per hour now, in USD; None when the provider does not say."""
         ...
 
+    def claims(self, machine_id: str) -> dict[str, float]:
+        """What the offer promised for this machine, in the provider's own field names and
+        units (Vast.ai: ``pcie_bw`` GB/s, ``disk_bw`` MB/s, ``inet_down`` Mb/s, ``dlperf``);
+        empty when the provider publishes none."""
+        ...
+
     def stop(self, machine_id: str) -> None:
         """Release the GPU and keep the disk (which still bills). Never deletes anything."""
         ...

@@ -70,3 +70,17 @@ def hourly_rate_here(
             file=sys.stderr,
         )
         return None
+
+
+def offer_claims_here(environ: Mapping[str, str] | None = None) -> dict[str, float]:
+    """The offer's claims for the machine this process runs on; {} off a provider's machine
+    or when the lookup fails (a check reports what it measured either way)."""
+    try:
+        provider = provider_of_this_machine(environ, timeout_s=10.0)
+        if provider is None or provider.this_machine_id is None:
+            return {}
+        return provider.claims(provider.this_machine_id)
+    except Exception as error:  # noqa: BLE001 - the claims are a comparison, not the check
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"[check] the offer's claims are not available: {message}", file=sys.stderr)
+        return {}

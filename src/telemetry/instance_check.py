@@ -164,24 +164,32 @@ def s3_verdict(s3: Mapping[str, Any], min_mbs: float = 50.0) -> list[Verdict]:
 
 
 def offer_lines(report: Report) -> list[str]:
-    """The offer's own claims beside what was measured (Vast.ai field names)."""
+    """The offer's own claims beside what was measured (Vast.ai field names and units);
+    ``LOW`` where the measurement falls under LOW_FRACTION of the claim."""
     offer = report.offer
     if not offer:
         return []
     gpu = report.gpus[0] if report.gpus else {}
+    s3 = report.s3 if "error" not in report.s3 else {}
+    megabits = {key: s3[key] * 8 for key in ("upload_mbs", "download_mbs") if key in s3}
     pairs = [
         ("pcie_bw", "GB/s host<->GPU", gpu.get("h2d_gbs")),
-        ("disk_bw", "MB/s disk", report.disk.get("write_mbs")),
-        ("inet_down", "Mb/s down", None),
-        ("inet_up", "Mb/s up", None),
+        ("disk_bw", "MB/s disk write", report.disk.get("write_mbs")),
+        ("inet_down", "Mb/s down (S3 download)", megabits.get("download_mbs")),
+        ("inet_up", "Mb/s up (S3 upload)", megabits.get("upload_mbs")),
         ("dlperf", "DLPerf", None),
     ]
     lines = []
     for key, unit, measured in pairs:
         if offer.get(key) is None:
             continue
-        tail = f", measured {measured:.1f}" if measured is not None else ""
-        lines.append(f"  offer  {key}: claims {float(offer[key]):.1f} {unit}{tail}")
+        claim = float(offer[key])
+        if measured is None:
+            lines.append(f"  --   offer {key}: claims {claim:.1f} {unit} (not measured)")
+            continue
+        ok = measured >= LOW_FRACTION * claim
+        mark = "ok " if ok else "LOW"
+        lines.append(f"  {mark}  offer {key}: claims {claim:.1f} {unit}, measured {measured:.1f}")
     return lines
 
 
@@ -305,14 +313,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, offer_claims: Callable[[], Mapping[str, Any]] | None = None
+) -> int:
+    """``scripts/check_instance.py``; ``offer_claims`` gives the rented offer's own claims
+    (the script passes the cloud provider's lookup: telemetry sits below src.cloud)."""
     args = parse_args(argv)
     sizes = CheckSizes.quick() if args.quick else CheckSizes()
     client = None
     if args.s3_bucket:
         client = make_client(args.s3_endpoint_url)
     output_dir = args.output_dir or resolve_output_dir()
-    report = run_checks(output_dir, sizes, s3_client=client, s3_bucket=args.s3_bucket)
+    offer = offer_claims() if offer_claims is not None else {}
+    report = run_checks(output_dir, sizes, s3_client=client, s3_bucket=args.s3_bucket, offer=offer)
     code = print_report(report, args.min_gpu_efficiency)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

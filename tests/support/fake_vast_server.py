@@ -61,6 +61,12 @@ def sample_instances(ssh_port: int = 20022) -> dict[int, dict[str, Any]]:
             "disk_space": 100,
             "geolocation": "Norway, NO",
             "status_msg": "success, running pytorch",
+            # The host's own claims (Vast.ai's units: GB/s, MB/s, Mb/s).
+            "dlperf": 61.2,
+            "pcie_bw": 24.6,
+            "disk_bw": 2100.0,
+            "inet_down": 850.0,
+            "inet_up": 700.0,
         },
         102: {
             "id": 102,

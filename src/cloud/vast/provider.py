@@ -59,6 +59,10 @@ def machine_of(instance: Mapping[str, Any]) -> Machine:
     )
 
 
+# The host's own claims on an offer/instance that check_instance measures against.
+OFFER_CLAIMS = ("pcie_bw", "disk_bw", "inet_down", "inet_up", "dlperf")
+
+
 class VastProvider:
     """One Vast.ai account (an API key), on the laptop or on one of its instances."""
 
@@ -118,6 +122,15 @@ class VastProvider:
         with self._client(RATE_RETRY) as client:
             rate = client.get_instance(int(machine_id)).get("dph_total")
         return None if rate is None else float(rate)
+
+    def claims(self, machine_id: str) -> dict[str, float]:
+        with self._client(RATE_RETRY) as client:
+            instance = client.get_instance(int(machine_id))
+        return {
+            key: float(instance[key])
+            for key in OFFER_CLAIMS
+            if isinstance(instance.get(key), int | float)
+        }
 
     def stop(self, machine_id: str) -> None:
         """PUT state=stopped: the GPU is released, the disk is kept. Never a DELETE."""

@@ -445,6 +445,14 @@ def test_check_prints_the_verdict_before_training(host: Host, first_loop) -> Non
     assert "[check] done in" in out and "no GPU here: measured the disk" in out
 
 
+def test_check_alone_measures_the_machine_and_trains_nothing(host: Host, first_loop) -> None:
+    result = host.run("--check", "--no-install")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_stages_done(result.stdout, ["connect", "sync", "check"])
+    assert "[train]" not in result.stdout and "[retrieve]" not in result.stdout
+    assert "testhost passed the check; nothing was trained" in result.stdout
+
+
 def test_min_gpu_efficiency_refuses_a_machine_without_a_gpu(host: Host, first_loop) -> None:
     result = host.run(
         EXPERIMENT, "run_name=refused", *TINY, "--min-gpu-efficiency", "0.8", "--destroy-after"
@@ -678,6 +686,7 @@ def test_bad_input_is_one_line_before_connecting(capsys: pytest.CaptureFixture[s
         (["h", EXPERIMENT, "--export-onnx", "--export-args=--spec 'x"], "--export-args: "),
         (["h", EXPERIMENT, "--min-gpu-efficiency", "1.5"], "must be in (0, 1], got 1.5"),
         (["h", "--status", "--check"], "--check / --min-gpu-efficiency go with a run"),
+        (["h", "--attach", "x", "--check"], "--check / --min-gpu-efficiency go with a run"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

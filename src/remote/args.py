@@ -196,11 +196,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Experiment]]:
         raise UsageError("key=value settings need an experiment before them")
     for group in also_groups:
         experiments.append(experiment_of(group[0], group[1:]))
+    check_only = args.check or args.min_gpu_efficiency is not None
     modes = [args.status, bool(args.attach), args.monitor, bool(experiments)]
+    if sum(modes) == 0 and check_only:
+        modes.append(True)  # `remote_train HOST --check`: measure the machine, train nothing
     if sum(modes) != 1:
         raise UsageError(
             f"give an experiment (e.g. {_example()}), or one of --status, --attach RUN_NAME, "
-            "--monitor"
+            "--monitor, --check"
         )
     if also_groups and not args.experiment:
         raise UsageError("--also runs after a first experiment: give that one first")
@@ -227,8 +230,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Experiment]]:
                 "(e.g. 0.8: at least 80% of the GPU's bf16 peak)"
             )
         args.check = True
-    if args.check and not experiments:
-        raise UsageError("--check / --min-gpu-efficiency go with a run (they run before training)")
+    if args.check and (args.status or args.monitor or args.attach):
+        raise UsageError("--check / --min-gpu-efficiency go with a run (before training) or alone")
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a TCP port")
     if args.local_dir and Path(args.local_dir).expanduser().exists():

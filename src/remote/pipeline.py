@@ -466,6 +466,9 @@ class RemoteTrain:
                     self.install()
                 if self.args.check:
                     self.check()
+                if not self.experiments:  # --check alone: the machine is measured, and passed
+                    self.say(f"{self.args.host} passed the check; nothing was trained")
+                    return 0
                 what = ", then ".join(e.describe() for e in self.experiments)
                 session, attaching = None, False
             with self.reporter.stage("train", what) as stage:

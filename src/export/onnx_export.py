@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from src.common.atomic_io import fsync_dir, sha256_file, temp_path_for
 from src.config import EXIT_CONFIG_ERROR, ConfigError
 from src.export.inference import ONNX_TO_NUMPY, metadata_path_for
-from src.utils.run_io import write_json
+from src.runs.files import write_json
 
 if TYPE_CHECKING:
     from src.export.specs import ExportSpec, SpecBuilder

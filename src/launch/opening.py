@@ -62,7 +62,8 @@ class OpenedRun:
 def open_run(
     cfg: DictConfig, world_size: int = 1, *, lock: LockMode = "probe", mirror: bool = False
 ) -> OpenedRun:
-    """Check that this process may train ``cfg``'s run directory; writes nothing in it.
+    """Check that this process may train ``cfg``'s run directory; writes nothing in it but
+    the lock file (the directory is created for it).
 
     ``open_run(cfg, world_size)`` is the guard and the lock probe alone (what a config loader
     needs). The trainer passes ``lock="none"`` on ranks other than 0 and ``mirror=True`` on

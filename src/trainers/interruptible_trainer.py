@@ -63,20 +63,8 @@ from src.trainers.distributed import (
 from src.trainers.early_stopping import EarlyStopping
 from src.trainers.final_upload import finish_uploads
 from src.trainers.lr_schedule import lr_factor, warmup_cosine_schedule
-from src.trainers.progress import (
-    Progress,
-    epoch_record,
-    epoch_summary,
-    extending_line,
-    finished_line,
-    say,
-)
-from src.trainers.snapshot import (
-    TrainingParts,
-    restore_snapshot,
-    should_load_scaler,
-    take_snapshot,
-)
+from src.trainers.progress import Progress, extending_line, finished_line, say
+from src.trainers.snapshot import TrainingParts, restore_snapshot, should_load_scaler, take_snapshot
 from src.trainers.steps import (
     EvalFn,
     LossFn,
@@ -216,8 +204,9 @@ class InterruptibleTrainer:
         try:
             with self.stop_request:
                 if self.mirror is not None:
+                    # A newer checkpoint in S3 (the opening read the manifest) comes first.
                     if self.opening.remote_newest is not None:
-                        self.checkpoints.fetch_remote()  # a newer checkpoint in S3 comes first
+                        self.checkpoints.fetch_remote()
                     self.checkpoints.start_mirror()
                 barrier(self.dist)  # every rank then loads what rank 0 downloaded
                 resumed_step = self._resume()
@@ -385,22 +374,15 @@ class InterruptibleTrainer:
         value = self.early_stopping.value_in(val)
         train_loss = self.epoch_loss.mean_over_ranks(self.dist)
         improved, early_stop = self.early_stopping.record(state, value, epoch_done)
-        cost = state.cost_usd if self.cost.tracked else None
-        lr = self.scheduler.get_last_lr()[0]
-        record = epoch_record(state, train_loss, val, lr, cost, epoch_done)
-        state.history.append(record)
-        progress.logger.log({f"val/{name}": value for name, value in val.items()}, record["step"])
-        summary = epoch_summary(
-            record,
+        progress.evaluation(
+            state,
+            train_loss,
             val,
-            max_epochs=self.cfg.trainer.max_epochs,
-            total_steps=self.total_steps,
-            train_seconds=state.train_seconds,
-            gpu_summary=progress.gpu_summary(),
-            cost_usd=cost,
+            lr=self.scheduler.get_last_lr()[0],
+            epoch_done=epoch_done,
+            cost_usd=state.cost_usd if self.cost.tracked else None,
             budget_usd=self.cost.budget_usd,
         )
-        self._print(summary)
         if epoch_done:
             state.epoch += 1
             state.batch_in_epoch = 0

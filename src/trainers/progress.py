@@ -83,6 +83,11 @@ class Progress:
         self.gpu_sampler = start_gpu_sampler(device, cfg.logging) if is_main else None
         show_bar = is_main and cfg.trainer.progress_bar
         self.bar = progress_bar(total_steps, state.global_step, cfg.run_name, enabled=show_bar)
+        self.is_main, self.total_steps, self.max_epochs = (
+            is_main,
+            total_steps,
+            cfg.trainer.max_epochs,
+        )
 
     def training(self, active: bool) -> None:
         """Only training counts towards the low-GPU-utilisation warning, not evaluation."""
@@ -109,8 +114,35 @@ class Progress:
         self.logger.log(scalars, step)
         self.bar.set_postfix(postfix, refresh=False)
 
-    def gpu_summary(self) -> str:
-        return self.gpu_sampler.summary() if self.gpu_sampler is not None else ""
+    def evaluation(
+        self,
+        state: TrainState,
+        train_loss: float,
+        val: Mapping[str, float],
+        *,
+        lr: float,
+        epoch_done: bool,
+        cost_usd: float | None,
+        budget_usd: float | None,
+    ) -> None:
+        """Add the evaluation to the history, log its metrics, print the epoch line."""
+        record = epoch_record(state, train_loss, val, lr, cost_usd, epoch_done)
+        state.history.append(record)
+        self.logger.log({f"val/{name}": value for name, value in val.items()}, record["step"])
+        if self.is_main:
+            gpu = self.gpu_sampler.summary() if self.gpu_sampler is not None else ""
+            say(
+                epoch_summary(
+                    record,
+                    val,
+                    max_epochs=self.max_epochs,
+                    total_steps=self.total_steps,
+                    train_seconds=state.train_seconds,
+                    gpu_summary=gpu,
+                    cost_usd=cost_usd,
+                    budget_usd=budget_usd,
+                )
+            )
 
     def close(self) -> None:
         self.bar.close()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch
 
-import src.trainers.interruptible_trainer as trainer_module
+import src.trainers.progress as progress_module
 from benchmarks.timed_template import timed_template_fit
 from src.utils.gpu_monitor import NvmlUnavailable, read_gpu_stats
 
@@ -49,7 +49,7 @@ def use_stand_in_nvml(work: Path) -> None:
     os.environ["FAKE_NVML_STATE"] = str(state)
     sys.path.insert(0, str(FAKE_NVML))
     sys.modules.pop("pynvml", None)
-    trainer_module.cuda_index = lambda device: 0  # the sampler's GPU: the stand-in's GPU 0
+    progress_module.cuda_index = lambda device: 0  # the sampler's GPU: the stand-in's GPU 0
 
 
 def steady_steps_per_second(

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import src.trainers.interruptible_trainer as trainer_module
+import src.trainers.batch_size as batch_size_module
 from src.config import ConfigError
-from src.utils.batch_size import (
+from src.trainers.batch_size import (
     BatchSearch,
     BatchSizeError,
     find_max_batch_size,
@@ -92,7 +92,7 @@ def test_auto_size_is_recorded_and_reused_on_resume(
         model.zero_grad(set_to_none=True)
         return BatchSearch(largest_fitting=40, chosen=36, tried=[(40, True)])
 
-    monkeypatch.setattr(trainer_module, "find_max_batch_size", measured)
+    monkeypatch.setattr(batch_size_module, "find_max_batch_size", measured)
     args = ("run_name=auto", "data.batch_size=auto", "trainer.max_steps=12")
     first, _ = make_trainer(tmp_path, *args)
     assert first.batch_size == 36 and searches == [len(first.train_set)]
@@ -106,7 +106,7 @@ def test_auto_size_is_recorded_and_reused_on_resume(
     def must_not_measure(*args, **kwargs):
         raise AssertionError("a resumed run measured the batch size again")
 
-    monkeypatch.setattr(trainer_module, "find_max_batch_size", must_not_measure)
+    monkeypatch.setattr(batch_size_module, "find_max_batch_size", must_not_measure)
     capsys.readouterr()
     resumed, _ = make_trainer(
         tmp_path, "run_name=auto", "data.batch_size=auto", "trainer.max_steps=20"

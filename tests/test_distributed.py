@@ -25,7 +25,7 @@ import torch
 
 from src.config import EXIT_CONFIG_ERROR
 from src.data.resumable_sampler import ResumableSampler
-from src.utils import distributed
+from src.trainers import distributed
 from tests.support.experiment import (
     EXPERIMENT,
     REPO_ROOT,

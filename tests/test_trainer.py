@@ -208,7 +208,7 @@ def test_gpu_stats_reach_tensorboard_and_the_epoch_line_and_warn_once(
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    import src.trainers.interruptible_trainer as trainer_module
+    import src.trainers.progress as progress_module
     from tests.support.nvml_state import FAKE_NVML_DIR, gpu, write_state
 
     state = tmp_path / "nvml.json"
@@ -216,7 +216,7 @@ def test_gpu_stats_reach_tensorboard_and_the_epoch_line_and_warn_once(
     monkeypatch.setenv("FAKE_NVML_STATE", str(state))
     monkeypatch.syspath_prepend(str(FAKE_NVML_DIR))
     monkeypatch.delitem(sys.modules, "pynvml", raising=False)
-    monkeypatch.setattr(trainer_module, "cuda_index", lambda device: 0)
+    monkeypatch.setattr(progress_module, "cuda_index", lambda device: 0)
     trainer, _ = make_trainer(
         tmp_path,
         "run_name=gpu-stats",

@@ -19,9 +19,9 @@ from src.config import DEV_CONFIG, ConfigError, load_config
 from src.data.batches import batch_size_of, move_to_device
 from src.data.loaders import SeededBatchSampler, make_loader, mix_seed
 from src.data.resumable_sampler import ResumableSampler
+from src.launch.resume_guard import check_resume_settings
+from src.trainers import distributed
 from src.trainers.interruptible_trainer import InterruptibleTrainer, should_load_scaler
-from src.utils import distributed
-from src.utils.run_io import check_resume_settings
 from tests.test_trainer import make_trainer
 
 

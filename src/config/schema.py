@@ -62,7 +62,7 @@ class DataConfig:
     """What the trainer reads from ``data:``. An experiment's own data settings extend it."""
 
     # Per device (under torchrun the effective batch is x world size), or "auto": the largest
-    # that fits the GPU, found once per run (src/utils/batch_size.py) and kept on resume.
+    # that fits the GPU, found once per run (src/trainers/batch_size.py) and kept on resume.
     batch_size: Any = 64
     num_workers: int = 0
 

@@ -36,8 +36,8 @@ from src.export.specs import (
     load_spec_builder,
     registered_names,
 )
+from src.runs.files import write_json
 from src.runs.layout import RunLayout
-from src.utils.run_io import write_json
 
 METADATA_FORMAT = 1  # the sidecar's layout version
 

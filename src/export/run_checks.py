@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from src.checkpoints import read_checkpoint_infos
 from src.export.errors import ExportError
 from src.runs.layout import RunLayout
 from src.runs.lock import RunInUseError, RunLock, acquire_run_lock
@@ -13,10 +14,9 @@ WEIGHTS = ("best", "final")  # RunLayout.weights() names
 
 
 def newest_checkpoint(layout: RunLayout) -> Path | None:
-    """The run's newest ``checkpoints/step_*.pt``, or None (step numbers are zero-padded,
-    so the names sort by step)."""
-    checkpoints = sorted(layout.checkpoints.glob("step_*.pt"))
-    return checkpoints[-1] if checkpoints else None
+    """The run's newest committed checkpoint (its sidecar written), or None."""
+    records = read_checkpoint_infos(layout.checkpoints)
+    return records[0].path if records else None
 
 
 def check_run_dir(layout: RunLayout, weights: str) -> None:

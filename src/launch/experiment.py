@@ -27,10 +27,10 @@ from src.config import (
     load_config,
     parse_cli,
 )
+from src.launch.opening import open_run
 from src.models import MODEL_BUILDERS
-from src.runs.lock import acquire_run_lock, discard_unused_run_dirs
+from src.runs.lock import discard_unused_run_dirs
 from src.utils.gpu_monitor import cuda_index
-from src.utils.run_io import check_resume_settings, run_dir_for
 
 
 def check_runtime(cfg: DictConfig) -> None:
@@ -118,10 +118,9 @@ def load_experiment_config(
         )
         check_runtime(cfg)
         check_output_dir(cfg)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        check_resume_settings(cfg, world_size)
-        if not notebook and int(os.environ.get("RANK", "0")) == 0:
-            acquire_run_lock(run_dir_for(cfg))  # held until this process exits
+        # The guard, then the lock: held by the script's first rank until the process exits.
+        hold = not notebook and int(os.environ.get("RANK", "0")) == 0
+        open_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), lock="hold" if hold else "none")
         return cfg
     except ConfigError as error:
         if notebook:

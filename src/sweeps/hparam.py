@@ -36,8 +36,8 @@ from src.common.paths import (
     resolve_persistent_dir,
 )
 from src.config import ConfigError, describe_config_error, load_yaml_mapping
+from src.runs.files import write_json
 from src.sweeps.runner import Task, TaskResult, run_tasks
-from src.utils.run_io import write_json
 
 MAX_RUN_NAME = 120
 

@@ -44,9 +44,9 @@ from src.common.paths import (
     resolve_persistent_dir,
 )
 from src.config import EXIT_CONFIG_ERROR, ConfigError, load_config
+from src.runs.files import write_json
 from src.sweeps.runner import Task, exit_code, run_tasks, summary_table
 from src.utils.gpu_monitor import check_guardrail, cuda_index, detect_gpus, requirement_from
-from src.utils.run_io import write_json
 
 DTYPES = ("float32", "bfloat16", "float16")
 FALLBACK_DIR = LOCAL_FALLBACK_DIR / "analyses" / "residual_compare"

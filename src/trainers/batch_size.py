@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from src.common.errors import ConfigError
+from src.common.rng import capture_rng_state, restore_rng_state
 from src.data.batches import move_to_device
 
 DEFAULT_MARGIN = 0.1  # use 90% of the largest size that fitted
@@ -144,3 +146,26 @@ def find_max_batch_size(
     finally:
         del reserve
         free_cuda_memory()
+
+
+def measure_batch_size(
+    model: nn.Module,
+    dataset: Dataset,
+    train_step: Callable[[nn.Module, Any], torch.Tensor],
+    device: torch.device,
+    *,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    limit: int,
+) -> BatchSearch:
+    """``data.batch_size=auto``: ``find_max_batch_size`` with the RNGs left as they were (the
+    search runs dropout, and a resumed run must draw what an uninterrupted one does) and a
+    batch that never fits worded as a ConfigError."""
+    rng_state = capture_rng_state()
+    try:
+        return find_max_batch_size(
+            model, dataset, train_step, device, collate_fn=collate_fn, limit=limit
+        )
+    except BatchSizeError as error:
+        raise ConfigError(str(error)) from None
+    finally:
+        restore_rng_state(rng_state)

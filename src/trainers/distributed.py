@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,15 @@ def init_distributed(device_type: str) -> DistInfo:
         # NCCL warns at exit about a group never destroyed (and may leave work pending).
         atexit.register(_destroy_process_group)
     return info
+
+
+def wrap_for_training(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """``model`` in DDP under torchrun (gradients averaged over ranks), else itself. The
+    checkpoint saves the unwrapped model, so its keys carry no ``module.`` prefix."""
+    if not info.is_distributed:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids)
 
 
 def _destroy_process_group() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from src.config import scrub_secret_values, secret_values, to_plain_dict, wandb_enabled
+from src.runs.layout import RunLayout
 
 
 def new_wandb_run_id() -> str:
@@ -41,7 +42,7 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(
-                log_dir=str(run_dir / "tensorboard"),
+                log_dir=str(RunLayout(run_dir).tensorboard),
                 # Drop events logged after the checkpoint by the interrupted process.
                 purge_step=resume_step + 1 if resume_step > 0 else None,
             )

@@ -1,0 +1,91 @@
+"""Opening a run directory for training: may this process train into it, and what does it
+already hold?
+
+In order, before anything is written:
+
+1. the newest local checkpoint's sidecar: its resume settings must match the config;
+2. the lock: a live process that owns the run directory is an error. ``lock="probe"`` takes
+   it and lets go at once (the trainer holds it only while ``fit`` runs, so a notebook that
+   builds a new trainer never blocks itself), ``"hold"`` keeps it for the caller;
+3. with ``mirror=True`` and ``checkpoint.s3_bucket`` set: the S3 prefix is probed (a bad
+   bucket or missing credentials fail now, not after an epoch), its lease checked, and the
+   bucket's newest checkpoint, when newer than the local one, passes the same settings check.
+
+The sidecars and the bucket's manifest are each read once; ``OpenedRun`` hands on what they
+said (the recorded batch size, whether S3 holds a newer checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig
+
+from src.launch.resume_guard import require_same_settings
+from src.runs.files import run_dir_for
+from src.runs.layout import RunLayout
+from src.runs.lock import RunLock, acquire_run_lock
+from src.storage.checkpoint_mirror import CheckpointMirror, mirror_for_run
+from src.utils.checkpoint_manager import CheckpointInfo, read_checkpoint_infos
+
+LockMode = Literal["probe", "hold", "none"]
+
+
+@dataclass
+class OpenedRun:
+    """What opening a run directory found, for the trainer to build on."""
+
+    layout: RunLayout
+    local_checkpoints: list[CheckpointInfo]  # committed ones (sidecar present), newest first
+    mirror: CheckpointMirror | None = None  # probed, lease checked, not started
+    remote_newest: dict[str, Any] | None = None  # the manifest record, if newer than local
+    lock: RunLock | None = None  # held only with lock="hold"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.root
+
+    @property
+    def recorded_batch_size(self) -> int | None:
+        """The size ``data.batch_size=auto`` found earlier in this run (the newest local
+        checkpoint's, else the bucket's newer one's): a resume must not measure again."""
+        local = self.local_checkpoints[0].metadata if self.local_checkpoints else None
+        remote = self.remote_newest.get("metadata") if self.remote_newest else None
+        for saved in (local, remote):
+            if saved and saved.get("batch_size"):
+                return int(saved["batch_size"])
+        return None
+
+
+def open_run(
+    cfg: DictConfig, world_size: int = 1, *, lock: LockMode = "probe", mirror: bool = False
+) -> OpenedRun:
+    """Check that this process may train ``cfg``'s run directory; writes nothing in it but
+    the lock file (the directory is created for it).
+
+    ``open_run(cfg, world_size)`` is the guard and the lock probe alone (what a config loader
+    needs). The trainer passes ``lock="none"`` on ranks other than 0 and ``mirror=True`` on
+    rank 0. Raises ConfigError (RunInUseError, S3SettingError...) with a one-line message.
+    """
+    layout = RunLayout(run_dir_for(cfg))
+    local = read_checkpoint_infos(layout.checkpoints)
+    require_same_settings(
+        cfg, world_size, local[0].metadata.get("resume_settings") if local else None
+    )
+    held = None
+    if lock != "none":
+        held = acquire_run_lock(layout.root)
+        if lock == "probe":
+            held.release()
+            held = None
+    opened = OpenedRun(layout, local, lock=held)
+    if mirror and cfg.checkpoint.s3_bucket:
+        opened.mirror = mirror_for_run(cfg.checkpoint, cfg.run_name, layout.root)
+        records = opened.mirror.remote_records()
+        if records and (not local or int(records[0]["step"]) > local[0].step):
+            saved = records[0].get("metadata", {}).get("resume_settings")
+            require_same_settings(cfg, world_size, saved, where=opened.mirror.url())
+            opened.remote_newest = records[0]
+    return opened

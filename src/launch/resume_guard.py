@@ -1,0 +1,57 @@
+"""Refuse to resume a run with other settings than its checkpoints were made with.
+
+A mistyped override (another learning rate, another model width) would otherwise load the
+old weights and silently train something else; this turns it into a one-line error before
+anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig
+
+from src.common.errors import ConfigError
+from src.config import resume_settings
+from src.runs.files import run_dir_for
+from src.runs.layout import RunLayout
+from src.utils.checkpoint_manager import read_checkpoint_infos
+
+
+def require_same_settings(
+    cfg: DictConfig, world_size: int, saved: Any, where: str | None = None
+) -> None:
+    """Raise ConfigError when ``saved`` (a checkpoint's recorded RESUME_SETTINGS) differs from
+    what ``cfg`` and ``world_size`` give now; ``saved`` not a dict: nothing to compare."""
+    if not isinstance(saved, dict):
+        return  # a new run, or checkpoints from before settings were recorded
+    saved = {"world_size": 1, **saved}  # recorded since multi-rank resume checks
+    now = resume_settings(cfg, world_size)
+    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+    if changed:
+        diffs = ", ".join(f"{key}={saved.get(key)!r} (now {now.get(key)!r})" for key in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"run '{cfg.run_name}' in {where or run_dir_for(cfg)} was checkpointed with "
+            f"{diffs}{more}: resume with the same settings, or start fresh with a new run_name"
+        )
+
+
+def check_resume_settings(
+    cfg: DictConfig,
+    world_size: int = 1,
+    *,
+    saved: Mapping[str, Any] | None = None,
+    where: str | None = None,
+) -> None:
+    """Refuse to resume a run whose newest checkpoint was made with other RESUME_SETTINGS.
+
+    Reads the newest local sidecar unless ``saved`` is given. ``saved`` / ``where``: the
+    settings of a checkpoint elsewhere (the S3 mirror's newest). ``open_run`` does this
+    check with the sidecars it has already read.
+    """
+    if saved is None:
+        infos = read_checkpoint_infos(RunLayout(run_dir_for(cfg)).checkpoints)
+        saved = infos[0].metadata.get("resume_settings") if infos else None
+    require_same_settings(cfg, world_size, saved, where)

@@ -175,7 +175,6 @@ class InterruptibleTrainer:
         self.monitor = self.early_stopping.monitor
         # Read once: an omegaconf lookup costs ~25 us, several per step add up on small models.
         self._log_every = cfg.trainer.log_every_n_steps
-        self._checkpoint_every = cfg.checkpoint.every_n_steps
         self._clip_norm = cfg.trainer.grad_clip_norm
         self._accum = cfg.trainer.grad_accum_steps
         self._resume_settings = resume_settings(cfg, self.dist.world_size)
@@ -190,6 +189,7 @@ class InterruptibleTrainer:
         self.checkpoints = CheckpointManager(
             self.layout.checkpoints,
             keep_last_n=cfg.checkpoint.keep_last_n,
+            every_n_steps=cfg.checkpoint.every_n_steps,  # the manager owns when to save
             async_save=cfg.checkpoint.async_save,
             is_writer=is_main,
             mirror=self.mirror,
@@ -328,8 +328,9 @@ class InterruptibleTrainer:
             if state.global_step >= self.total_steps and not at_epoch_end:
                 return Outcome.COMPLETED
             stop = self._stop_requested()  # at an epoch end too: evaluation can wait
-            periodic = state.global_step % self._checkpoint_every == 0 and not at_epoch_end
-            if stop.stopped or periodic:
+            if self.checkpoints.due(
+                state.global_step, stopping=stop.stopped, epoch_end=at_epoch_end
+            ):
                 # On stop: no staging copy, and durable before we say so.
                 self._save_checkpoint(blocking=stop.stopped)
             if stop == Outcome.BUDGET_REACHED:

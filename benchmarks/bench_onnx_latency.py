@@ -38,6 +38,7 @@ from src.export.onnx.int8 import quantize_int8
 from src.export.specs import ExportRun, ExportSpec
 from src.models import build_model
 from src.models.char_gpt import CharGPT, CharGPTConfig
+from src.models.template import load_template_config
 
 BATCH_SIZES = (1, 64)
 ROUNDS = 10
@@ -45,7 +46,7 @@ ROUNDS = 10
 
 def dev_specs() -> dict[str, ExportSpec]:
     """The two dev-config models as ExportSpecs, built by the exporter's own spec builders."""
-    template_cfg = load_config(DEV_CONFIG)
+    template_cfg = load_template_config(DEV_CONFIG)
     torch.manual_seed(0)
     template = build_model(
         template_cfg.model, template_cfg.data.num_features, template_cfg.data.num_classes

@@ -52,6 +52,7 @@ from src.data.char_text import CharTextDataConfig, build_char_datasets, pad_batc
 from src.data.synthetic import make_classification, split
 from src.models import build_model
 from src.models.char_gpt import CharGPT, CharGPTConfig, lm_step, make_optimizer
+from src.models.template import load_template_config
 from src.trainers.interruptible_trainer import InterruptibleTrainer, lr_factor
 
 
@@ -72,7 +73,7 @@ class Case:
 
 def template_case(device: str) -> Case:
     def make_cfg(output_dir: str, steps: int, device: str):
-        return load_config(
+        return load_template_config(
             DEV_CONFIG,
             [
                 *common_overrides(output_dir, steps, device),

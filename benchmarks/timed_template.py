@@ -12,9 +12,10 @@ import time
 import torch
 
 from src.common.rng import seed_everything
-from src.config import DEV_CONFIG, load_config
+from src.config import DEV_CONFIG
 from src.data.synthetic import make_classification, split
 from src.models import build_model
+from src.models.template import load_template_config
 from src.trainers.interruptible_trainer import InterruptibleTrainer, default_train_step
 
 
@@ -22,7 +23,7 @@ def timed_template_fit(
     overrides: list[str], skip_fraction: float
 ) -> tuple[InterruptibleTrainer, float]:
     """Fit the template on the dev config plus ``overrides``; (trainer, steady steps/s)."""
-    cfg = load_config(DEV_CONFIG, overrides)
+    cfg = load_template_config(DEV_CONFIG, overrides)
     data = make_classification(
         cfg.data.num_samples, cfg.data.num_features, cfg.data.num_classes, cfg.data.noise, 0
     )

@@ -12,27 +12,27 @@ from src.config import (
     REDACTED,
     ConfigError,
     default_config_path,
-    load_config,
     load_dotenv_file,
     redact_secrets,
     to_plain_dict,
 )
 from src.launch.experiment import print_config_error
+from src.models.template import load_template_config
 from tests.support.experiment import experiment_env, run_experiment
 
 
 def test_dev_mode_picks_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEV_MODE", "True")
-    assert load_config().run_name == "template-dev"
+    assert load_template_config().run_name == "template-dev"
     monkeypatch.setenv("DEV_MODE", "False")
-    assert load_config().run_name == "template-prod"
+    assert load_template_config().run_name == "template-prod"
     monkeypatch.setenv("DEV_MODE", "maybe")
     with pytest.raises(ConfigError, match="DEV_MODE='maybe' is not a boolean"):
-        load_config()
+        load_template_config()
 
 
 def test_overrides_are_typed() -> None:
-    cfg = load_config(DEV_CONFIG, ["trainer.max_steps=300", "seed=3", "optim.lr=0.1"])
+    cfg = load_template_config(DEV_CONFIG, ["trainer.max_steps=300", "seed=3", "optim.lr=0.1"])
     assert cfg.trainer.max_steps == 300 and cfg.seed == 3 and cfg.optim.lr == 0.1
 
 
@@ -48,19 +48,19 @@ def test_overrides_are_typed() -> None:
 )
 def test_bad_overrides_raise_one_line(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message) as error:
-        load_config(PROD_CONFIG, overrides)
+        load_template_config(PROD_CONFIG, overrides)
     assert "\n" not in str(error.value)
 
 
 def test_old_key_logging_wandb_still_works_and_later_layers_win(tmp_path: Path) -> None:
     config = tmp_path / "old.yaml"
     config.write_text("logging:\n  wandb: true\n")
-    assert load_config(config).logging.use_wandb is True
-    assert load_config(config, ["logging.use_wandb=false"]).logging.use_wandb is False
-    assert load_config(DEV_CONFIG, ["logging.wandb=true"]).logging.use_wandb is True
+    assert load_template_config(config).logging.use_wandb is True
+    assert load_template_config(config, ["logging.use_wandb=false"]).logging.use_wandb is False
+    assert load_template_config(DEV_CONFIG, ["logging.wandb=true"]).logging.use_wandb is True
     config.write_text("logging:\n  wandb: true\n  use_wandb: false\n")
     with pytest.raises(ConfigError, match="sets both 'logging.wandb' and its new name"):
-        load_config(config)
+        load_template_config(config)
 
 
 @pytest.mark.parametrize(
@@ -75,17 +75,17 @@ def test_old_key_logging_wandb_still_works_and_later_layers_win(tmp_path: Path) 
 )
 def test_cost_and_monitor_settings_are_checked(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"bad value for '{key}'"):
-        load_config(DEV_CONFIG, [override])
+        load_template_config(DEV_CONFIG, [override])
 
 
 def test_bad_file_names_the_key_and_file(tmp_path: Path) -> None:
     config = tmp_path / "mine.yaml"
     config.write_text("trainer:\n  bogus: 1\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'trainer.bogus' in .*mine.yaml"):
-        load_config(config)
+        load_template_config(config)
     config.write_text("data:\n  batch_size: many\n")
     with pytest.raises(ConfigError, match=r"'data.batch_size' in .*mine.yaml"):
-        load_config(config)
+        load_template_config(config)
 
 
 def test_dev_mode_from_dotenv_and_the_environment_wins(
@@ -105,7 +105,7 @@ def test_dev_mode_from_dotenv_and_the_environment_wins(
 def test_secret_copied_by_interpolation_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-Zq8mN3pX")
     monkeypatch.setenv("HF_TOKEN", "hf_token_value_123")
-    cfg = load_config(
+    cfg = load_template_config(
         DEV_CONFIG,
         [
             "paths.output_dir=/x/${oc.env:AWS_SECRET_ACCESS_KEY}/y",

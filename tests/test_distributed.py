@@ -25,6 +25,7 @@ import torch
 
 from src.config import EXIT_CONFIG_ERROR
 from src.data.resumable_sampler import ResumableSampler
+from src.models.template import load_template_config
 from src.trainers import distributed
 from tests.support.experiment import (
     EXPERIMENT,
@@ -330,10 +331,10 @@ def test_compile_and_ddp_save_plain_state_dicts(tmp_path: Path, device: str, ran
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr.count("DDPOptimizer used bucket cap") == ranks, result.stderr
 
-    from src.config import DEV_CONFIG, load_config
+    from src.config import DEV_CONFIG
     from src.models import build_model
 
-    cfg = load_config(DEV_CONFIG, args)
+    cfg = load_template_config(DEV_CONFIG, args)
     plain = build_model(cfg.model, cfg.data.num_features, cfg.data.num_classes)
     run_dir = tmp_path / "compiled"
     newest = max((run_dir / "checkpoints").glob("step_*.pt"))

@@ -16,15 +16,16 @@ import torch
 from src.common.paths import REPO_ROOT
 from src.common.rng import seed_everything
 from src.common.signals import EXIT_INTERRUPTED, exit_after_stop
-from src.config import DEV_CONFIG, load_config
+from src.config import DEV_CONFIG
 from src.data.resumable_sampler import ResumableSampler
 from src.data.synthetic import make_classification, split
 from src.models import build_model
+from src.models.template import load_template_config
 from src.trainers.interruptible_trainer import InterruptibleTrainer, lr_factor
 
 
 def make_trainer(tmp_path: Path, *overrides: str) -> tuple[InterruptibleTrainer, object]:
-    cfg = load_config(
+    cfg = load_template_config(
         DEV_CONFIG,
         [
             f"paths.output_dir={tmp_path}",

@@ -15,18 +15,19 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from src.common.rng import capture_rng_state, restore_rng_state
-from src.config import DEV_CONFIG, ConfigError, load_config
+from src.config import DEV_CONFIG, ConfigError
 from src.data.batches import batch_size_of, move_to_device
 from src.data.loaders import SeededBatchSampler, make_loader, mix_seed
 from src.data.resumable_sampler import ResumableSampler
 from src.launch.resume_guard import check_resume_settings
+from src.models.template import load_template_config
 from src.trainers import distributed
 from src.trainers.interruptible_trainer import InterruptibleTrainer, should_load_scaler
 from tests.test_trainer import make_trainer
 
 
 def cfg_for(tmp_path: Path, *overrides: str):
-    return load_config(
+    return load_template_config(
         DEV_CONFIG,
         [f"paths.output_dir={tmp_path}", "trainer.progress_bar=false", *overrides],
     )

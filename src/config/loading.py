@@ -266,7 +266,8 @@ def validate(cfg: DictConfig, source: str) -> None:
             value = OmegaConf.select(cfg, key)
             raise ConfigError(f"bad value for '{key}' in {source}: {value!r}, expected {expected}")
     for section in ("data", "model"):
-        check_section(cfg, section, source)
+        if section in cfg:
+            check_section(cfg, section, source)
 
 
 def check_section(cfg: DictConfig, section: str, source: str) -> None:

@@ -77,43 +77,6 @@ class DataConfig:
 
 
 @dataclass
-class SyntheticDataConfig(DataConfig):
-    """The template experiment's data: Gaussian clusters (src/data/synthetic.py)."""
-
-    num_samples: int = 2048
-    num_features: int = 32
-    num_classes: int = 4
-    noise: float = 0.5
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    seed: int = 1234  # the synthetic data set itself, independent of the training seed
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.num_features >= 1, "num_features", self.num_features, "an integer >= 1")
-        require(self.num_classes >= 2, "num_classes", self.num_classes, "an integer >= 2")
-        fractions_ok = 0 < self.val_fraction + self.test_fraction < 1
-        require(fractions_ok, "val_fraction", self.val_fraction, "val+test < 1")
-        train_size = split_sizes(self.num_samples, self.val_fraction, self.test_fraction)[0]
-        require(train_size >= 1, "num_samples", self.num_samples, "enough for train, val and test")
-
-
-@dataclass
-class MLPConfig:
-    """The template experiment's model (src/models/mlp.py)."""
-
-    name: str = "mlp"
-    hidden_dim: int = 64
-    num_layers: int = 2
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        require(self.hidden_dim >= 1, "hidden_dim", self.hidden_dim, "an integer >= 1")
-        require(self.num_layers >= 1, "num_layers", self.num_layers, "an integer >= 1")
-        require(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
-
-
-@dataclass
 class OptimConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
@@ -181,8 +144,10 @@ class ExperimentConfig:
     seed: int = 42
     run_name: str = "template"
     paths: PathsConfig = field(default_factory=PathsConfig)
-    data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    model: MLPConfig = field(default_factory=MLPConfig)
+    # An experiment's own dataclasses (experiment_schema) replace these: the template's are
+    # src/data/synthetic.py's SyntheticDataConfig and src/models/mlp.py's MLPConfig.
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -6,10 +6,34 @@ resumed run on a fresh machine rebuilds exactly the same data.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from src.config import split_sizes
+from src.config import DataConfig, require, split_sizes
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    """The template experiment's ``data:`` section: Gaussian clusters (``make_classification``)."""
+
+    num_samples: int = 2048
+    num_features: int = 32
+    num_classes: int = 4
+    noise: float = 0.5
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 1234  # the synthetic data set itself, independent of the training seed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.num_features >= 1, "num_features", self.num_features, "an integer >= 1")
+        require(self.num_classes >= 2, "num_classes", self.num_classes, "an integer >= 2")
+        fractions_ok = 0 < self.val_fraction + self.test_fraction < 1
+        require(fractions_ok, "val_fraction", self.val_fraction, "val+test < 1")
+        train_size = split_sizes(self.num_samples, self.val_fraction, self.test_fraction)[0]
+        require(train_size >= 1, "num_samples", self.num_samples, "enough for train, val and test")
 
 
 def make_classification(

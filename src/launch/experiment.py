@@ -21,7 +21,6 @@ from src.common.paths import resolve_output_dir
 from src.config import (
     DEV_CONFIG,
     PROD_CONFIG,
-    MLPConfig,
     experiment_schema,
     in_notebook,
     load_config,
@@ -29,6 +28,8 @@ from src.config import (
 )
 from src.launch.opening import open_run
 from src.models import MODEL_BUILDERS
+from src.models.mlp import MLPConfig
+from src.models.template import TEMPLATE_SCHEMA
 from src.runs.lock import discard_unused_run_dirs
 from src.utils.gpu_monitor import cuda_index
 
@@ -91,6 +92,7 @@ def load_experiment_config(
 
     ``model`` / ``data``: the experiment's own settings dataclasses (``data`` extends
     DataConfig); they are loaded, overridden and checked like the built-in sections.
+    Without them: the template experiment's (``src.models.template.TEMPLATE_SCHEMA``).
     ``dev_config`` / ``prod_config``: the files DEV_MODE chooses between.
 
     As a script a ConfigError becomes one line on stderr and exit code 2, and the run
@@ -112,7 +114,7 @@ def load_experiment_config(
         cfg = load_config(
             config_path,
             overrides,
-            schema=experiment_schema(model, data),
+            schema=experiment_schema(model, data) if model or data else TEMPLATE_SCHEMA,
             dev_config=Path(dev_config or DEV_CONFIG),
             prod_config=Path(prod_config or PROD_CONFIG),
         )

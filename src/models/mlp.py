@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from src.config import require
+
+
+@dataclass
+class MLPConfig:
+    """The template experiment's ``model:`` section (``name`` picks a builder in MODEL_BUILDERS)."""
+
+    name: str = "mlp"
+    hidden_dim: int = 64
+    num_layers: int = 2
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        require(self.hidden_dim >= 1, "hidden_dim", self.hidden_dim, "an integer >= 1")
+        require(self.num_layers >= 1, "num_layers", self.num_layers, "an integer >= 1")
+        require(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
 
 
 class MLPClassifier(nn.Module):

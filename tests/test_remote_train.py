@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -190,6 +191,8 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
         "new-host-key": (server.port, server.client_key, stale_known_hosts, "127.0.0.1"),
         "no-answer": (silent.getsockname()[1], server.client_key, server.known_hosts, "127.0.0.1"),
         "unknown-host": (22, server.client_key, server.known_hosts, "nosuchhost.invalid"),
+        # A raw address, as launch_vast.py create --check reaches a new instance.
+        "127.0.0.1": (server.port, server.client_key, server.known_hosts, "127.0.0.1"),
     }
     ssh_config = root / "ssh_config"
     ssh_config.write_text(
@@ -451,6 +454,49 @@ def test_check_alone_measures_the_machine_and_trains_nothing(host: Host, first_l
     assert_stages_done(result.stdout, ["connect", "sync", "check"])
     assert "[train]" not in result.stdout and "[retrieve]" not in result.stdout
     assert "testhost passed the check; nothing was trained" in result.stdout
+
+
+@pytest.mark.parametrize("floor", [None, "0.5"], ids=["check", "floor"])
+def test_launch_vast_create_check_measures_the_new_instance(
+    host: Host, first_loop, floor: str | None
+) -> None:
+    """create --check: the offer is rented, waited for, then synced, installed and measured
+    through remote_train; a floor the (GPU-less) machine misses names the destroy command."""
+    host.fake.created_ports = {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(host.server.port)}]}
+    host.fake.created_ip = "127.0.0.1"
+    check_args = shlex.join(["--no-install", *host.common()])
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "launch_vast.py"),
+            *("--retries", "1"),
+            "create",
+            "9002",
+            *("--poll-interval", "0.01"),
+            "--check",
+            f"--check-args={check_args}",
+            *(["--min-gpu-efficiency", floor] if floor else []),
+        ],
+        env=host.env,
+        cwd=host.root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = result.stdout
+    assert "is running" in out and "checking instance " in out, out + result.stderr
+    assert "[check] done in" in out or "[check] failed in" in out, out + result.stderr
+    assert API_KEY not in out + result.stderr
+    if floor is None:
+        assert result.returncode == 0, out + result.stderr
+        assert "passed the check; nothing was trained" in out
+    else:
+        assert result.returncode == 4, out + result.stderr
+        assert "check failed: not training on root@127.0.0.1: no GPU here" in result.stderr
+        assert "nothing needs downloading: release it with python scripts/launch_vast.py " in (
+            result.stderr
+        )
+    assert host.fake.count("DELETE") == 0
 
 
 def test_min_gpu_efficiency_refuses_a_machine_without_a_gpu(host: Host, first_loop) -> None:

@@ -141,6 +141,7 @@ class FakeVast:
         self.requests: list[Recorded] = []
         self.polls_until_running = 2  # GETs of a new instance before it runs
         self.created_ports: dict[str, Any] | None = None
+        self.created_ip = "192.0.2.50"  # a test points new instances at its own sshd
         self.next_id = 500
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
@@ -195,7 +196,7 @@ class FakeVast:
                 "is_bid": "price" in (body or {}),
                 "ssh_host": "ssh9.vast.ai",
                 "ssh_port": 39000,
-                "public_ipaddr": "192.0.2.50",
+                "public_ipaddr": self.created_ip,
                 "_polls": 0,
                 "status_msg": "queued",
             }

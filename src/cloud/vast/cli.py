@@ -2,13 +2,15 @@
 
 Everything a command prints is built here, so tests drive ``main(argv)`` against a local
 HTTP server. Exit codes: 0 ok, 1 the API or SSH failed, 2 bad input or no API key, 3 destroy
-refused (outputs not proven downloaded).
+refused (outputs not proven downloaded), 4 ``create --check`` found the machine wanting.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,12 +28,20 @@ from src.cloud.vast.client import (
     VastKeyError,
     find_api_key,
 )
-from src.cloud.vast.instances import TABLE_COLUMNS, is_active, ssh_addresses, status_of, view_of
+from src.cloud.vast.instances import (
+    TABLE_COLUMNS,
+    SshAddress,
+    is_active,
+    ssh_addresses,
+    status_of,
+    view_of,
+)
 from src.cloud.vast.provider import outputs_gate
 from src.cloud.vast.ssh_config import render_host_block, write_host_block
 from src.common.paths import REPO_ROOT
 
-EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_REFUSED, EXIT_CHECK_FAILED = 0, 1, 2, 3, 4
+REMOTE_TRAIN = REPO_ROOT / "scripts" / "remote_train.py"
 ONSTART_SCRIPT = REPO_ROOT / "setup" / "onstart.sh"
 DEFAULT_IMAGE = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-devel"
 AUTOSTOP_ENV = "GPU_TRAIN_KIT_AUTOSTOP_MINUTES"  # read by setup/onstart.sh
@@ -203,6 +213,16 @@ def cmd_create(client: VastClient, args: argparse.Namespace) -> int:
         raise UsageError(f"--disk {args.disk} must be a positive number of GB (e.g. --disk 100)")
     if args.autostop is not None and args.autostop <= 0:
         raise UsageError(f"--autostop {args.autostop:g} must be minutes > 0 (e.g. --autostop 20)")
+    if args.min_gpu_efficiency is not None and not 0 < args.min_gpu_efficiency <= 1:
+        raise UsageError(
+            f"--min-gpu-efficiency {args.min_gpu_efficiency:g} must be in (0, 1], e.g. 0.8"
+        )
+    try:
+        args.check_args = shlex.split(args.check_args or "")
+    except ValueError as error:
+        raise UsageError(f"--check-args: {error}") from None
+    args.check = args.check or args.min_gpu_efficiency is not None
+    args.wait = args.wait or args.check  # a check needs the instance up
     instance_id = client.create_instance(args.offer_id, create_payload(args))
     kind = f"interruptible at a bid of ${args.bid:.3f}/h" if args.bid is not None else "on-demand"
     print(f"created instance {instance_id} from offer {args.offer_id} ({kind})")
@@ -220,7 +240,40 @@ def cmd_create(client: VastClient, args: argparse.Namespace) -> int:
     for address in view.ssh:
         print(f"  {address.kind}: {address.command()}")
     print(f"  VS Code: python scripts/launch_vast.py ssh-config {instance_id}")
+    if args.check:
+        return check_new_instance(instance_id, view.ssh[0], args)
     return EXIT_OK
+
+
+def check_new_instance(instance_id: int, address: SshAddress, args: argparse.Namespace) -> int:
+    """``remote_train.py ADDRESS --check`` on the new instance (code synced, installed,
+    measured); below the floor, the line that releases it: nothing trained there yet, so
+    there is nothing to download before destroying it."""
+    command = [
+        sys.executable,
+        str(REMOTE_TRAIN),
+        f"{address.user}@{address.host}",
+        "-p",
+        str(address.port),
+        "--check",
+        *(
+            ["--min-gpu-efficiency", f"{args.min_gpu_efficiency:g}"]
+            if args.min_gpu_efficiency is not None
+            else []
+        ),
+        *args.check_args,
+    ]
+    print(f"checking instance {instance_id}: {shlex.join(command[1:])}", flush=True)
+    code = subprocess.run(command).returncode
+    if code == 0:
+        return EXIT_OK
+    print(
+        f"launch_vast: instance {instance_id} failed its check (remote_train exit {code}); it "
+        "still bills, and nothing has trained there, so nothing needs downloading: release "
+        f"it with python scripts/launch_vast.py destroy {instance_id}",
+        file=sys.stderr,
+    )
+    return EXIT_CHECK_FAILED
 
 
 def cmd_ssh_config(client: VastClient, args: argparse.Namespace) -> int:
@@ -329,6 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="MINUTES",
         help="stop the instance after this many idle GPU minutes (scripts/autostop.py)",
+    )
+    create.add_argument(
+        "--check",
+        action="store_true",
+        help="once running: sync, install and measure it (remote_train.py --check); implies --wait",
+    )
+    create.add_argument(
+        "--min-gpu-efficiency",
+        type=float,
+        metavar="F",
+        help="with --check: fail (exit 4) when a GPU delivers less than F of its bf16 peak",
+    )
+    create.add_argument(
+        "--check-args",
+        help="more options for remote_train.py --check, e.g. --check-args='--python python3.11'",
     )
     create.add_argument("--timeout", type=float, default=900.0, help="--wait gives up (s)")
     create.add_argument("--poll-interval", type=float, default=10.0, help=argparse.SUPPRESS)

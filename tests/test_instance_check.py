@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.checkpoints import read_checkpoint_infos
 from src.common.paths import REPO_ROOT
+from src.runs.layout import RunLayout
 from src.telemetry.gpu_peaks import pcie_link_for, peak_for
 from src.telemetry.instance_check import (
     EXIT_BELOW_EFFICIENCY,
@@ -23,6 +25,7 @@ from src.telemetry.instance_check import (
     overall_line,
     print_report,
     run_checks,
+    run_disk_need,
     s3_verdict,
 )
 from src.telemetry.probes import (
@@ -33,8 +36,10 @@ from src.telemetry.probes import (
     matmul_tflops,
     measure_gpu,
     memory_bandwidth_gbs,
+    nccl_allreduce_busbw_gbs,
     s3_transfer_mbs,
 )
+from src.utils.checkpoint_manager import CheckpointManager
 from tests.support.fake_vast_server import API_KEY as VAST_KEY
 from tests.support.fake_vast_server import running_fake_vast
 from tests.support.moto_server import AWS_ENV, running_moto_s3
@@ -250,3 +255,30 @@ def test_on_a_vast_instance_the_offer_claims_stand_beside_the_figures(tmp_path: 
     assert "offer dlperf: claims 61.2 DLPerf (not measured)" in done.stdout
     assert json.loads((tmp_path / "report.json").read_text())["offer"]["pcie_bw"] == 24.6
     assert VAST_KEY not in done.stdout + done.stderr
+
+
+def test_run_dir_sizes_the_disk_from_the_runs_newest_checkpoint(tmp_path: Path) -> None:
+    layout = RunLayout(tmp_path / "runs" / "sized")
+    layout.root.mkdir(parents=True)
+    layout.config.write_text(json.dumps({"checkpoint": {"keep_last_n": 3}}))
+    manager = CheckpointManager(layout.checkpoints, keep_last_n=3, async_save=False)
+    manager.save({"weights": torch.zeros(50_000)}, step=10)
+    torch.save({"weights": torch.zeros(10_000)}, layout.best_model)
+    checkpoint = read_checkpoint_infos(layout.checkpoints)[0].size
+    expected = checkpoint * 5 + 2 * layout.best_model.stat().st_size
+    assert run_disk_need(layout) == expected
+    done = run_script("--quick", "--run-dir", str(layout.root), "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["disk"]["need_bytes"] == expected
+    assert f"at {layout.root.parent}, the run needs ~" in done.stdout
+    bad = run_script("--run-dir", str(tmp_path))
+    assert bad.returncode == 2 and "has no config.json: pass a run directory" in bad.stderr
+
+
+@pytest.mark.gpu
+def test_nccl_all_reduce_across_the_local_gpus() -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip(
+            f"needs 2 GPUs for an all-reduce (this machine has {torch.cuda.device_count()})"
+        )
+    assert nccl_allreduce_busbw_gbs(torch.cuda.device_count(), megabytes=64) > 1

@@ -19,13 +19,16 @@ from typing import Any
 
 import torch
 
+from src.checkpoints import read_checkpoint_infos
 from src.common.errors import EXIT_BELOW_EFFICIENCY
 from src.common.paths import resolve_output_dir
+from src.runs.layout import RunLayout
 from src.storage.s3 import make_client
 from src.telemetry.gpu_peaks import GB, MB, PCIE_EFFICIENCY, PCIE_LANE_GBS, pcie_link_for, peak_for
 from src.telemetry.probes import (
     CheckSizes,
     cuda_build_note,
+    disk_need_bytes,
     measure_disk,
     measure_gpu,
     nccl_allreduce_busbw_gbs,
@@ -293,6 +296,20 @@ def print_report(report: Report, min_gpu_efficiency: float | None = None) -> int
     return 0
 
 
+def run_disk_need(layout: RunLayout) -> int | None:
+    """What the run will hold on its volume, from its newest checkpoint and its config's
+    keep_last_n (None before its first checkpoint)."""
+    records = read_checkpoint_infos(layout.checkpoints)
+    if not records:
+        return None
+    keep_last_n = json.loads(layout.config.read_text())["checkpoint"]["keep_last_n"]
+    weights = max(
+        (path.stat().st_size for path in (layout.best_model, layout.final_model) if path.exists()),
+        default=0,
+    )
+    return disk_need_bytes(records[0].size, int(keep_last_n), weights)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Measure this machine's GPUs, PCIe, NCCL, disk and S3 against their promises."
@@ -307,7 +324,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--s3-bucket", help="also measure this bucket (AWS credentials from the env)"
     )
     parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (R2, MinIO, ...)")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        help="a run to size the disk for: its newest checkpoint x (keep_last_n + 2) + weights",
+    )
     args = parser.parse_args(argv)
+    if args.run_dir is not None and not RunLayout(args.run_dir).config.is_file():
+        parser.error(f"--run-dir {args.run_dir} has no config.json: pass a run directory")
     if args.min_gpu_efficiency is not None and not 0 < args.min_gpu_efficiency <= 1:
         parser.error(f"--min-gpu-efficiency must be in (0, 1], got {args.min_gpu_efficiency}")
     return args
@@ -323,9 +347,12 @@ def main(
     client = None
     if args.s3_bucket:
         client = make_client(args.s3_endpoint_url)
-    output_dir = args.output_dir or resolve_output_dir()
+    output_dir = args.output_dir or (args.run_dir.parent if args.run_dir else resolve_output_dir())
+    need = run_disk_need(RunLayout(args.run_dir)) if args.run_dir else None
     offer = offer_claims() if offer_claims is not None else {}
-    report = run_checks(output_dir, sizes, s3_client=client, s3_bucket=args.s3_bucket, offer=offer)
+    report = run_checks(
+        output_dir, sizes, need_bytes=need, s3_client=client, s3_bucket=args.s3_bucket, offer=offer
+    )
     code = print_report(report, args.min_gpu_efficiency)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from typing import Any
 from src.checkpoints.record import CheckpointRecord, retained_steps
 from src.common.atomic_io import sha256_file
 from src.common.console import print_note, print_warning
+from src.runs.layout import CHECKPOINTS, LOCK, RunLayout
 from src.storage.s3 import (
     S3SettingError,
     S3SyncError,
@@ -522,8 +523,8 @@ def _not_mirrored(relative: str) -> bool:
     """The checkpoints (mirrored on their own), the run lock and temp files."""
     name = relative.rsplit("/", 1)[-1]
     return (
-        relative.startswith("checkpoints/")
-        or name == ".run.lock"
+        relative.startswith(f"{CHECKPOINTS}/")
+        or name == LOCK
         or (name.startswith(".") and name.endswith(".tmp"))
     )
 
@@ -543,8 +544,8 @@ def mirror_for_run(settings: Any, run_name: str, run_dir: Path) -> CheckpointMir
     run_prefix = object_key(settings.s3_prefix, run_name)
     mirror = CheckpointMirror(
         settings.s3_bucket,
-        object_key(run_prefix, "checkpoints"),
-        local_dir=Path(run_dir) / "checkpoints",
+        object_key(run_prefix, CHECKPOINTS),
+        local_dir=RunLayout(Path(run_dir)).checkpoints,
         keep_last_n=settings.remote_keep_last_n or settings.keep_last_n,
         endpoint_url=settings.endpoint_url,
         files_dir=Path(run_dir),

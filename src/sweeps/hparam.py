@@ -37,6 +37,7 @@ from src.common.paths import (
 )
 from src.config import ConfigError, describe_config_error, load_yaml_mapping
 from src.runs.files import write_json
+from src.runs.layout import RunLayout
 from src.sweeps.runner import Task, TaskResult, run_tasks
 
 MAX_RUN_NAME = 120
@@ -214,7 +215,7 @@ def build_tasks(spec: SweepSpec, trials: list[Trial], paths: SweepPaths) -> list
                 name=trial.run_name,
                 command=command + args,
                 log_path=paths.log_dir / f"{trial.run_name}.log",
-                is_done=lambda run_dir=run_dir: (run_dir / "test_results.json").is_file(),
+                is_done=lambda run_dir=run_dir: RunLayout(run_dir).test_results.is_file(),
                 output=str(run_dir),
             )
         )
@@ -223,9 +224,10 @@ def build_tasks(spec: SweepSpec, trials: list[Trial], paths: SweepPaths) -> list
 
 def read_metric(run_dir: Path, metric: str) -> float | None:
     """``metric`` from test_results.json, else from the last training_log.json record."""
-    for name, pick in (("test_results.json", lambda d: d), ("training_log.json", lambda d: d[-1])):
+    layout = RunLayout(run_dir)
+    for path, pick in ((layout.test_results, lambda d: d), (layout.training_log, lambda d: d[-1])):
         try:
-            value = pick(json.loads((run_dir / name).read_text())).get(metric)
+            value = pick(json.loads(path.read_text())).get(metric)
         except (OSError, ValueError, IndexError, AttributeError, KeyError):
             continue
         if isinstance(value, int | float) and math.isfinite(value):

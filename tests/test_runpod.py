@@ -20,6 +20,8 @@ from src.cloud.runpod.client import RunPodClient, RunPodMaybeDone
 from src.cloud.runpod.provider import RunPodProvider
 from src.cloud.vast.client import RetryPolicy
 from src.common.signals import EXIT_BUDGET_REACHED
+from src.remote.provider_link import InstanceLink
+from src.remote.stages import StageError
 from src.runs.lock import acquire_run_lock
 from tests.support.experiment import experiment_env, run_experiment
 from tests.support.fake_runpod_server import API_KEY, Canned, FakeRunPod, running_fake_runpod
@@ -159,6 +161,17 @@ def test_bad_key_is_one_line_exit_2_and_never_shown(
     assert code == 2 and "RUNPOD_API_KEY" in err
 
 
+def test_launch_needs_a_provider_and_hands_vast_to_launch_vast(
+    capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert launch.main(["status"]) == 2
+    assert "--provider missing" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setitem(launch.PROVIDERS, "vast", lambda argv: seen.append(argv) or 0)
+    assert launch.main(["--provider=vast", "status", "--all"]) == 0
+    assert seen == [["status", "--all"]]
+
+
 def test_provider_seam(fake: FakeRunPod) -> None:
     provider = next(p for p in configured_providers(os.environ) if p.name == "RunPod")
     machine = provider.machine_at("203.0.113.7", 10341)
@@ -172,6 +185,19 @@ def test_provider_seam(fake: FakeRunPod) -> None:
     assert hourly_rate_here(None, env) == 0.74
     gate = provider.destroy("noport456", ["/workspace/persistent"])
     assert not gate.allowed and "no public SSH port" in gate.reason and fake.count("DELETE") == 0
+
+
+def test_remote_train_link_finds_stops_and_refuses_to_destroy_a_pod(fake: FakeRunPod) -> None:
+    """--stop-after / --destroy-after reach RunPod through the seam, with no edit there."""
+    settings = {k: v for k, v in os.environ.items() if not k.startswith("VAST")}
+    link = InstanceLink.require(settings, "203.0.113.7", 10341, "--destroy-after")
+    assert link.describe() == f"RunPod pod {POD}" and link.machine.hourly_rate_usd == 0.74
+    assert link.manual_command("destroy").endswith(f"terminate {POD}")
+    with pytest.raises(StageError, match="not destroying pod abc123xyz"):
+        link.shut_down("destroy", ["/workspace/persistent"], settings)
+    assert fake.count("DELETE") == 0
+    assert link.shut_down("stop", [], settings).startswith(f"stopped pod {POD}")
+    assert fake.pods[POD]["desiredStatus"] == "EXITED"
 
 
 # -- terminate behind the destroy gate, against a real sshd ----------------------------------

@@ -12,13 +12,21 @@ import sys
 from collections.abc import Mapping
 
 from src.cloud.provider import CredentialsMissing, Provider
+from src.cloud.runpod.client import KEY_ENV as RUNPOD_KEY_ENV
+from src.cloud.runpod.provider import POD_ID_ENV, RunPodProvider
 from src.cloud.vast.client import KEY_ENV
 from src.cloud.vast.environment import INSTANCE_ID_ENVS
 from src.cloud.vast.provider import VastProvider
 
 # One line per provider: how to give it a key, and how a process knows it runs on it.
-CREDENTIALS_HINT = f"a Vast.ai API key ({KEY_ENV} in the environment or .env)"
-NOT_HERE_HINT = f"not on a Vast.ai instance (no {' or '.join(INSTANCE_ID_ENVS)} in the environment)"
+CREDENTIALS_HINT = (
+    f"a Vast.ai API key ({KEY_ENV}) or a RunPod API key ({RUNPOD_KEY_ENV}) "
+    "in the environment or .env"
+)
+NOT_HERE_HINT = (
+    f"not on a Vast.ai instance (no {' or '.join(INSTANCE_ID_ENVS)} in the environment) "
+    f"nor on a RunPod pod (no {POD_ID_ENV})"
+)
 
 
 def configured_providers(settings: Mapping[str, str]) -> list[Provider]:
@@ -27,6 +35,9 @@ def configured_providers(settings: Mapping[str, str]) -> list[Provider]:
     vast = VastProvider.from_settings(settings)
     if vast is not None:
         found.append(vast)
+    runpod = RunPodProvider.from_settings(settings)
+    if runpod is not None:
+        found.append(runpod)
     return found
 
 
@@ -36,7 +47,10 @@ def provider_of_this_machine(
     """The provider that rents the machine this process runs on (its ``this_machine_id`` set);
     None off any provider's machine. CredentialsMissing when on one without its API key."""
     environ = os.environ if environ is None else environ
-    return VastProvider.of_this_machine(environ, timeout_s)
+    vast = VastProvider.of_this_machine(environ, timeout_s)
+    if vast is not None:
+        return vast
+    return RunPodProvider.of_this_machine(environ, timeout_s)
 
 
 def hourly_rate_here(

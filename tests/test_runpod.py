@@ -16,9 +16,9 @@ import pytest
 
 from src.cloud import launch
 from src.cloud.registry import configured_providers, hourly_rate_here, provider_of_this_machine
+from src.cloud.retry import RetryPolicy
 from src.cloud.runpod.client import RunPodClient, RunPodMaybeDone
 from src.cloud.runpod.provider import RunPodProvider
-from src.cloud.vast.client import RetryPolicy
 from src.common.signals import EXIT_BUDGET_REACHED
 from src.remote.provider_link import InstanceLink
 from src.remote.stages import StageError

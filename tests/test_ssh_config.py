@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from src.cloud.vast.ssh_config import render_host_block, upsert_host_block, write_host_block
+from src.cloud.ssh_config import render_host_block, upsert_host_block, write_host_block
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ import pytest
 
 from src.cloud.provider import CredentialsMissing, Provider
 from src.cloud.registry import hourly_rate_here, provider_of_this_machine
+from src.cloud.retry import RetryPolicy
 from src.cloud.vast.client import (
-    RetryPolicy,
     VastAuthError,
     VastClient,
     VastError,

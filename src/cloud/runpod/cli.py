@@ -22,6 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from src.cloud.retry import RetryPolicy
 from src.cloud.runpod.client import (
     NO_KEY_HINT,
     RunPodAuthError,
@@ -39,8 +40,7 @@ from src.cloud.runpod.pods import (
     view_of,
 )
 from src.cloud.runpod.provider import outputs_gate
-from src.cloud.vast.client import RetryPolicy
-from src.cloud.vast.ssh_config import render_host_block, write_host_block
+from src.cloud.ssh_config import render_host_block, write_host_block
 from src.common.paths import REPO_ROOT
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from src.cloud.provider import CloudError
-from src.cloud.vast.client import RetryPolicy
+from src.cloud.retry import RetryPolicy
 from src.common.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://rest.runpod.io/v1"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from src.cloud.vast.instances import SshAddress, format_duration
+from src.cloud.machines import SshAddress, format_duration
 
 ACTIVE_STATUS = "RUNNING"
 # Only /workspace (the volume) survives a stop; the container disk is reset.

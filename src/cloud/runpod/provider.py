@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from src.cloud.provider import CredentialsMissing, Machine
+from src.cloud.retry import RetryPolicy
 from src.cloud.runpod.client import (
     GRAPHQL_URL_ENV,
     KEY_ENV,
@@ -29,7 +30,6 @@ from src.cloud.runpod.pods import (
     ssh_address,
     status_of,
 )
-from src.cloud.vast.client import RetryPolicy
 from src.storage.destroy_gate import GateResult, check_outputs_downloaded
 
 POD_ID_ENV = "RUNPOD_POD_ID"

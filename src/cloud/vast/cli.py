@@ -20,24 +20,12 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from src.cloud.vast.client import (
-    NO_KEY_HINT,
-    RetryPolicy,
-    VastClient,
-    VastError,
-    VastKeyError,
-    find_api_key,
-)
-from src.cloud.vast.instances import (
-    TABLE_COLUMNS,
-    SshAddress,
-    is_active,
-    ssh_addresses,
-    status_of,
-    view_of,
-)
+from src.cloud.machines import SshAddress
+from src.cloud.retry import RetryPolicy
+from src.cloud.ssh_config import render_host_block, write_host_block
+from src.cloud.vast.client import NO_KEY_HINT, VastClient, VastError, VastKeyError, find_api_key
+from src.cloud.vast.instances import TABLE_COLUMNS, is_active, ssh_addresses, status_of, view_of
 from src.cloud.vast.provider import outputs_gate
-from src.cloud.vast.ssh_config import render_host_block, write_host_block
 from src.common.paths import REPO_ROOT
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_REFUSED, EXIT_CHECK_FAILED = 0, 1, 2, 3, 4

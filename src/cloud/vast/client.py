@@ -18,13 +18,13 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from src.cloud.provider import CloudError
+from src.cloud.retry import RetryPolicy
 from src.common.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://console.vast.ai"
@@ -108,20 +108,6 @@ def resolve_base_url(explicit: str | None = None, environ: Mapping[str, str] | N
     """``--url`` wins, then ``VAST_URL``, then console.vast.ai (tests point it at 127.0.0.1)."""
     environ = os.environ if environ is None else environ
     return (explicit or environ.get(URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded: ``attempts`` tries at most; waits double from ``base_delay`` to ``max_delay``."""
-
-    attempts: int = 4
-    base_delay: float = 1.0
-    max_delay: float = 10.0
-
-    def delay(self, attempt: int, retry_after: str | None = None) -> float:
-        if retry_after and retry_after.strip().isdigit():
-            return min(float(retry_after.strip()), self.max_delay)
-        return min(self.base_delay * 2**attempt, self.max_delay)
 
 
 def _encode_params(params: Mapping[str, Any] | None) -> dict[str, str]:

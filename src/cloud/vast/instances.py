@@ -12,22 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-TENSORBOARD_FORWARD = "-L 8080:localhost:6006"
+from src.cloud.machines import SshAddress, format_duration
+
 INACTIVE_STATUSES = {"stopped", "exited", "offline"}
-
-
-@dataclass(frozen=True)
-class SshAddress:
-    """``direct`` is the machine's own IP and mapped port (faster); ``proxy`` goes via Vast.ai."""
-
-    kind: str
-    host: str
-    port: int
-    user: str = "root"
-
-    def command(self, forward_tensorboard: bool = True) -> str:
-        extra = f" {TENSORBOARD_FORWARD}" if forward_tensorboard else ""
-        return f"ssh -p {self.port} {self.user}@{self.host}{extra}"
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -88,15 +75,6 @@ def is_active(instance: dict[str, Any]) -> bool:
     return status_of(instance) not in INACTIVE_STATUSES and instance.get("intended_status") != (
         "stopped"
     )
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes = int(seconds // 60)
-    days, minutes = divmod(minutes, 24 * 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{days}d {hours}h{minutes:02d}m" if days else f"{hours}h{minutes:02d}m"
 
 
 @dataclass

@@ -13,13 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from src.cloud.provider import CredentialsMissing, Machine
-from src.cloud.vast.client import (
-    KEY_ENV,
-    URL_ENV,
-    RetryPolicy,
-    VastClient,
-    find_api_key,
-)
+from src.cloud.retry import RetryPolicy
+from src.cloud.vast.client import KEY_ENV, URL_ENV, VastClient, find_api_key
 from src.cloud.vast.environment import CONTAINER_KEY_ENV, instance_id_from_env
 from src.cloud.vast.instances import find_instance_by_address, ssh_addresses, status_of
 from src.storage.destroy_gate import GateResult, check_outputs_downloaded

@@ -21,6 +21,7 @@ from src.telemetry.instance_check import (
     EXIT_BELOW_EFFICIENCY,
     Report,
     disk_verdict,
+    gpu_claim_lines,
     gpu_verdicts,
     overall_line,
     print_report,
@@ -124,6 +125,18 @@ def test_an_unknown_gpu_is_measured_and_says_no_peak_is_known() -> None:
     verdicts = gpu_verdicts(figures)
     assert "no known peak" in verdicts[0].line and lows(verdicts) == []
     assert "123 TFLOP/s bf16, no known peak" in overall_line(Report(gpus=[figures]))
+
+
+def test_the_advertised_gpu_is_compared_with_the_one_found() -> None:
+    gpu = healthy_h100(name="NVIDIA GeForce RTX 4090")
+    offer = {"gpu_name": "RTX 4090", "num_gpus": 2.0}
+    assert gpu_claim_lines(Report(gpus=[gpu, {**gpu, "index": 1}], offer=offer)) == [
+        "  ok   offer gpu: advertised RTX 4090 x 2, found NVIDIA GeForce RTX 4090 x 2"
+    ]
+    short = gpu_claim_lines(Report(gpus=[gpu], offer=offer))[0]
+    assert short.startswith("  LOW") and "found NVIDIA GeForce RTX 4090 x 1" in short
+    other = gpu_claim_lines(Report(gpus=[gpu], offer={"gpu_name": "RTX 3090"}))[0]
+    assert other.startswith("  LOW")
 
 
 def test_known_peaks_match_specific_names_first() -> None:
@@ -253,6 +266,8 @@ def test_on_a_vast_instance_the_offer_claims_stand_beside_the_figures(tmp_path: 
     assert done.returncode == 0, done.stderr
     assert "LOW  offer disk_bw: claims 1000000000.0 MB/s disk write, measured " in done.stdout
     assert "offer dlperf: claims 61.2 DLPerf (not measured)" in done.stdout
+    if not torch.cuda.is_available():  # advertised 2 x RTX 4090, found none
+        assert "LOW  offer gpu: advertised RTX 4090 x 2, but no GPU is visible here" in done.stdout
     assert json.loads((tmp_path / "report.json").read_text())["offer"]["pcie_bw"] == 24.6
     assert VAST_KEY not in done.stdout + done.stderr
 

@@ -177,7 +177,12 @@ def test_provider_seam(fake: FakeRunPod) -> None:
     machine = provider.machine_at("203.0.113.7", 10341)
     assert machine is not None and machine.id == POD and machine.hourly_rate_usd == 0.74
     assert provider.machine_at("203.0.113.7", 22) is None
-    assert provider.claims(POD) == {"disk_bw": 1800.0, "inet_down": 900.0}
+    assert provider.claims(POD) == {
+        "disk_bw": 1800.0,
+        "inet_down": 900.0,
+        "gpu_name": "RTX 4090",  # the pod's GPU type as advertised, for check_instance
+        "num_gpus": 2.0,
+    }
     assert provider.hand_command("destroy", POD).endswith("--provider runpod terminate abc123xyz")
     env = {**os.environ, "RUNPOD_POD_ID": POD}
     here = provider_of_this_machine(env)

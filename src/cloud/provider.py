@@ -77,10 +77,10 @@ class Provider(Protocol):
         """What the machine bills per hour now, in USD; None when the provider does not say."""
         ...
 
-    def claims(self, machine_id: str) -> dict[str, float]:
-        """What the offer promised for this machine, in the provider's own field names and
-        units (Vast.ai: ``pcie_bw`` GB/s, ``disk_bw`` MB/s, ``inet_down`` Mb/s, ``dlperf``);
-        empty when the provider publishes none."""
+    def claims(self, machine_id: str) -> dict[str, float | str]:
+        """What the offer promised for this machine, under Vast.ai's names and units
+        (``gpu_name`` and ``num_gpus`` as advertised, ``pcie_bw`` GB/s, ``disk_bw`` MB/s,
+        ``inet_down``/``inet_up`` Mb/s, ``dlperf``); only those the provider publishes."""
         ...
 
     def stop(self, machine_id: str) -> None:

@@ -166,6 +166,30 @@ def s3_verdict(s3: Mapping[str, Any], min_mbs: float = 50.0) -> list[Verdict]:
     return [Verdict("S3", ok, line + ("" if ok else f" (expected >= {min_mbs:.0f})"))]
 
 
+def same_gpu(advertised: str, found: str) -> bool:
+    """``RTX 4090`` vs ``NVIDIA GeForce RTX 4090``: every word of the advertised name (after
+    the vendor's) appears in the name the driver reports."""
+    words = [w for w in advertised.lower().replace("-", " ").split() if w not in {"nvidia"}]
+    return all(word in found.lower().replace("-", " ") for word in words)
+
+
+def gpu_claim_lines(report: Report) -> list[str]:
+    """The GPU type and count the offer advertised against what this machine has."""
+    advertised = report.offer.get("gpu_name")
+    if not advertised:
+        return []
+    names = [gpu["name"] for gpu in report.gpus]
+    count = report.offer.get("num_gpus")
+    want = f"{advertised}" + (f" x {count:g}" if isinstance(count, int | float) else "")
+    if not names:
+        return [f"  LOW  offer gpu: advertised {want}, but no GPU is visible here"]
+    found = f"{names[0]} x {len(names)}"
+    ok = all(same_gpu(str(advertised), name) for name in names) and (
+        not isinstance(count, int | float) or len(names) >= count
+    )
+    return [f"  {'ok ' if ok else 'LOW'}  offer gpu: advertised {want}, found {found}"]
+
+
 def offer_lines(report: Report) -> list[str]:
     """The offer's own claims beside what was measured (Vast.ai field names and units);
     ``LOW`` where the measurement falls under LOW_FRACTION of the claim."""
@@ -182,7 +206,7 @@ def offer_lines(report: Report) -> list[str]:
         ("inet_up", "Mb/s up (S3 upload)", megabits.get("upload_mbs")),
         ("dlperf", "DLPerf", None),
     ]
-    lines = []
+    lines = gpu_claim_lines(report)
     for key, unit, measured in pairs:
         if offer.get(key) is None:
             continue

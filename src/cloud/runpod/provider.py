@@ -145,15 +145,22 @@ class RunPodProvider:
         with self._client(RATE_RETRY) as client:
             return hourly_rate_of(client.get_pod(machine_id))
 
-    def claims(self, machine_id: str) -> dict[str, float]:
+    def claims(self, machine_id: str) -> dict[str, float | str]:
         with self._client(RATE_RETRY) as client:
             pod = client.get_pod(machine_id, include_machine=True)
         machine = pod.get("machine") if isinstance(pod.get("machine"), dict) else {}
-        return {
+        found: dict[str, float | str] = {
             ours: float(machine[theirs])
             for theirs, ours in CLAIM_FIELDS.items()
             if isinstance(machine.get(theirs), int | float) and machine[theirs] > 0
         }
+        gpu = pod.get("gpu") if isinstance(pod.get("gpu"), dict) else {}
+        name = gpu.get("displayName") or machine.get("gpuDisplayName") or gpu.get("id")
+        if name:
+            found["gpu_name"] = str(name)
+        if isinstance(gpu.get("count"), int):
+            found["num_gpus"] = float(gpu["count"])
+        return found
 
     def stop(self, machine_id: str) -> None:
         """POST /pods/{id}/stop: the GPU is released, the volume kept. Never a DELETE."""

@@ -55,7 +55,7 @@ def machine_of(instance: Mapping[str, Any]) -> Machine:
 
 
 # The host's own claims on an offer/instance that check_instance measures against.
-OFFER_CLAIMS = ("pcie_bw", "disk_bw", "inet_down", "inet_up", "dlperf")
+OFFER_CLAIMS = ("num_gpus", "pcie_bw", "disk_bw", "inet_down", "inet_up", "dlperf")
 
 
 class VastProvider:
@@ -118,14 +118,17 @@ class VastProvider:
             rate = client.get_instance(int(machine_id)).get("dph_total")
         return None if rate is None else float(rate)
 
-    def claims(self, machine_id: str) -> dict[str, float]:
+    def claims(self, machine_id: str) -> dict[str, float | str]:
         with self._client(RATE_RETRY) as client:
             instance = client.get_instance(int(machine_id))
-        return {
+        found: dict[str, float | str] = {
             key: float(instance[key])
             for key in OFFER_CLAIMS
             if isinstance(instance.get(key), int | float)
         }
+        if instance.get("gpu_name"):
+            found["gpu_name"] = str(instance["gpu_name"])
+        return found
 
     def stop(self, machine_id: str) -> None:
         """PUT state=stopped: the GPU is released, the disk is kept. Never a DELETE."""

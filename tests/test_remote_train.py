@@ -733,6 +733,8 @@ def test_bad_input_is_one_line_before_connecting(capsys: pytest.CaptureFixture[s
         (["h", EXPERIMENT, "--min-gpu-efficiency", "1.5"], "must be in (0, 1], got 1.5"),
         (["h", "--status", "--check"], "--check / --min-gpu-efficiency go with a run"),
         (["h", "--attach", "x", "--check"], "--check / --min-gpu-efficiency go with a run"),
+        (["h", EXPERIMENT, "--provider", "runpod"], "--provider and --machine go together"),
+        (["h", EXPERIMENT, "--pod", "abc"], "--provider and --machine go together"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

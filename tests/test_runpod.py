@@ -20,7 +20,7 @@ from src.cloud.retry import RetryPolicy
 from src.cloud.runpod.client import RunPodClient, RunPodMaybeDone
 from src.cloud.runpod.provider import RunPodProvider
 from src.common.signals import EXIT_BUDGET_REACHED
-from src.remote.provider_link import InstanceLink
+from src.remote.provider_link import InstanceLink, price_line
 from src.remote.stages import StageError
 from src.runs.lock import acquire_run_lock
 from tests.support.experiment import experiment_env, run_experiment
@@ -203,6 +203,25 @@ def test_remote_train_link_finds_stops_and_refuses_to_destroy_a_pod(fake: FakeRu
     assert fake.count("DELETE") == 0
     assert link.shut_down("stop", [], settings).startswith(f"stopped pod {POD}")
     assert fake.pods[POD]["desiredStatus"] == "EXITED"
+
+
+def test_remote_train_finds_a_pod_by_provider_and_id_behind_any_address(fake: FakeRunPod) -> None:
+    """`--provider runpod --pod ID`: a pod reached through RunPod's SSH proxy (an address the
+    API does not list) is still found, priced and stopped; an unknown id is one line."""
+    settings = {k: v for k, v in os.environ.items() if not k.startswith("VAST")}
+    link = InstanceLink.require(
+        settings, "ssh.runpod.io", 22, "--stop-after", named=("runpod", POD)
+    )
+    assert link.describe() == f"RunPod pod {POD}"
+    line = price_line(settings, "ssh.runpod.io", 22, named=("runpod", POD))
+    assert line is not None and "costs $0.740/h" in line and f"stop {POD}" in line
+    assert price_line(settings, "ssh.runpod.io", 22) is None  # by address alone: not found
+    with pytest.raises(StageError, match="--provider runpod --machine nosuchpod: ") as raised:
+        InstanceLink.require(settings, "h", 22, "--stop-after", named=("runpod", "nosuchpod"))
+    assert "\n" not in str(raised.value) and fake.api_key not in str(raised.value)
+    no_key = {k: v for k, v in settings.items() if not k.startswith("RUNPOD")}
+    with pytest.raises(StageError, match="--provider runpod needs "):
+        InstanceLink.require(no_key, "h", 22, "--stop-after", named=("runpod", POD))
 
 
 # -- terminate behind the destroy gate, against a real sshd ----------------------------------

@@ -73,6 +73,11 @@ class Provider(Protocol):
         that is not one of yours simply has no machine, and nothing is stopped)."""
         ...
 
+    def machine(self, machine_id: str) -> Machine:
+        """Your machine with this id (``--provider runpod --machine ID``); CloudError when
+        there is none."""
+        ...
+
     def hourly_rate(self, machine_id: str) -> float | None:
         """What the machine bills per hour now, in USD; None when the provider does not say."""
         ...

@@ -29,6 +29,18 @@ NOT_HERE_HINT = (
 )
 
 
+# `--provider NAME` on the command line: the name each provider answers to.
+PROVIDER_KEYS = {"vast": "Vast.ai", "runpod": "RunPod"}
+
+
+def configured_provider(key: str, settings: Mapping[str, str]) -> Provider:
+    """The provider ``--provider KEY`` names; CredentialsMissing without its API key."""
+    for provider in configured_providers(settings):
+        if provider.name == PROVIDER_KEYS[key]:
+            return provider
+    raise CredentialsMissing(f"--provider {key} needs {CREDENTIALS_HINT}")
+
+
 def configured_providers(settings: Mapping[str, str]) -> list[Provider]:
     """The accounts whose API keys the settings (environment and .env) hold; maybe none."""
     found: list[Provider] = []

@@ -13,6 +13,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.cloud.registry import PROVIDER_KEYS
 from src.common.paths import REPO_ROOT
 from src.export.registry import format_names
 
@@ -108,12 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-dir", help="where outputs come home (default ./outputs/HOST)")
     shutdown = parser.add_mutually_exclusive_group()
     shutdown.add_argument(
-        "--stop-after", action="store_true", help="Vast.ai: stop the instance once verified"
+        "--stop-after", action="store_true", help="stop the instance/pod once verified"
     )
     shutdown.add_argument(
         "--destroy-after",
         action="store_true",
-        help="Vast.ai: destroy the instance once its outputs are verified (destroy gate)",
+        help="destroy the instance/pod once its outputs are verified (destroy gate)",
+    )
+    parser.add_argument(
+        "--provider",
+        choices=sorted(PROVIDER_KEYS),
+        help="with --machine: whose machine HOST is (else found by its SSH address)",
+    )
+    parser.add_argument(
+        "--machine",
+        "--pod",
+        "--instance",
+        dest="machine",
+        metavar="ID",
+        help="the instance/pod id behind HOST, for --stop-after/--destroy-after and its price",
     )
     parser.add_argument("--no-install", action="store_true", help="skip setup/install_deps.sh")
     parser.add_argument(
@@ -223,6 +237,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Experiment]]:
         raise UsageError(f"--export-args: {error}") from None
     if args.export and (args.status or args.monitor):
         raise UsageError("--export goes with a run or --attach")
+    if bool(args.provider) != bool(args.machine):
+        raise UsageError("--provider and --machine go together, e.g. --provider runpod --pod ID")
     if args.min_gpu_efficiency is not None:
         if not 0 < args.min_gpu_efficiency <= 1:
             raise UsageError(

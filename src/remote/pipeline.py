@@ -92,6 +92,11 @@ class RemoteTrain:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    @property
+    def named_machine(self) -> tuple[str, str] | None:
+        """``--provider KEY --machine ID`` when given (else the SSH address finds it)."""
+        return (self.args.provider, self.args.machine) if self.args.machine else None
+
     def say(self, text: str) -> None:
         self.reporter.line(text)
 
@@ -126,7 +131,9 @@ class RemoteTrain:
                     )
                 if self.shutdown_action:
                     flag = f"--{self.shutdown_action}-after"
-                    self.instance = InstanceLink.require(self.settings, hostname, port, flag)
+                    self.instance = InstanceLink.require(
+                        self.settings, hostname, port, flag, self.named_machine
+                    )
                     stage.note = f"{self.instance.describe()}; "
             except BaseException:
                 session.close()
@@ -392,7 +399,7 @@ class RemoteTrain:
         action = self.shutdown_action
         hostname, port = self.address
         if action is None:
-            line = price_line(self.settings, hostname, port)
+            line = price_line(self.settings, hostname, port, self.named_machine)
             if line:
                 self.say(line)
             return

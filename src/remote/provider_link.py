@@ -12,15 +12,35 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from src.cloud.provider import CloudError, Machine, Provider
-from src.cloud.registry import CREDENTIALS_HINT, configured_providers
+from src.cloud.registry import CREDENTIALS_HINT, configured_provider, configured_providers
 from src.remote.stages import StageError
 
 
+def named_machine(
+    settings: Mapping[str, str], provider_key: str, machine_id: str
+) -> tuple[Provider, Machine]:
+    """``--provider KEY --machine ID``: that machine, for a host whose SSH address its
+    provider does not list (RunPod's SSH proxy, a tunnel); StageError("connect") otherwise."""
+    try:
+        provider = configured_provider(provider_key, settings)
+        return provider, provider.machine(machine_id)
+    except CloudError as error:
+        reason = f"--provider {provider_key} --machine {machine_id}: {error}"
+        raise StageError("connect", reason) from None
+
+
 def require_machine(
-    settings: Mapping[str, str], hostname: str, port: int, flag: str
+    settings: Mapping[str, str],
+    hostname: str,
+    port: int,
+    flag: str,
+    named: tuple[str, str] | None = None,
 ) -> tuple[Provider, Machine]:
     """For --stop-after/--destroy-after, checked before any training: the machine at
-    ``hostname:port`` and its provider; StageError("connect") when there is none."""
+    ``hostname:port`` (or the one ``named`` (provider key, id) gives) and its provider;
+    StageError("connect") when there is none."""
+    if named is not None:
+        return named_machine(settings, *named)
     providers = configured_providers(settings)
     if not providers:
         raise StageError(
@@ -42,8 +62,16 @@ def require_machine(
     )
 
 
-def price_line(settings: Mapping[str, str], hostname: str, port: int) -> str | None:
+def price_line(
+    settings: Mapping[str, str], hostname: str, port: int, named: tuple[str, str] | None = None
+) -> str | None:
     """'instance 101 (...) costs $0.80/h ...' for a rented host; None for any other host."""
+    if named is not None:
+        try:
+            provider, machine = named_machine(settings, *named)
+        except StageError as error:
+            return f"could not look up {named[1]}: {error.reason}"
+        return running_line(provider, machine)
     for provider in configured_providers(settings):
         try:
             machine = provider.machine_at(hostname, port)
@@ -54,14 +82,18 @@ def price_line(settings: Mapping[str, str], hostname: str, port: int) -> str | N
             )
         if machine is None:
             continue
-        rate = machine.hourly_rate_usd
-        cost = f"${rate:.3f}/h" if rate is not None else "an unknown $/h"
-        return (
-            f"{machine.name} ({machine.gpu}) still runs and costs {cost}: stop it with "
-            f"{provider.hand_command('stop', machine.id)} "
-            "(or pass --stop-after / --destroy-after next time)"
-        )
+        return running_line(provider, machine)
     return None
+
+
+def running_line(provider: Provider, machine: Machine) -> str:
+    rate = machine.hourly_rate_usd
+    cost = f"${rate:.3f}/h" if rate is not None else "an unknown $/h"
+    return (
+        f"{machine.name} ({machine.gpu}) still runs and costs {cost}: stop it with "
+        f"{provider.hand_command('stop', machine.id)} "
+        "(or pass --stop-after / --destroy-after next time)"
+    )
 
 
 def shut_down(
@@ -93,10 +125,15 @@ class InstanceLink:
 
     @classmethod
     def require(
-        cls, settings: Mapping[str, str], hostname: str, port: int, flag: str
+        cls,
+        settings: Mapping[str, str],
+        hostname: str,
+        port: int,
+        flag: str,
+        named: tuple[str, str] | None = None,
     ) -> InstanceLink:
-        """The machine at ``hostname:port``, or StageError("connect") naming ``flag``."""
-        return cls(*require_machine(settings, hostname, port, flag))
+        """The machine at ``hostname:port`` (or ``named``), or StageError("connect")."""
+        return cls(*require_machine(settings, hostname, port, flag, named))
 
     def describe(self) -> str:
         return self.machine.label

@@ -141,6 +141,10 @@ class RunPodProvider:
             pod = find_pod_by_address(client.list_pods(), hostname, port)
         return None if pod is None or not pod.get("id") else machine_of(pod)
 
+    def machine(self, machine_id: str) -> Machine:
+        with self._client() as client:
+            return machine_of(client.get_pod(machine_id))
+
     def hourly_rate(self, machine_id: str) -> float | None:
         with self._client(RATE_RETRY) as client:
             return hourly_rate_of(client.get_pod(machine_id))

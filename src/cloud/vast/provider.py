@@ -113,6 +113,10 @@ class VastProvider:
             return None
         return machine_of(instance)
 
+    def machine(self, machine_id: str) -> Machine:
+        with self._client() as client:
+            return machine_of(client.get_instance(int(machine_id)))
+
     def hourly_rate(self, machine_id: str) -> float | None:
         with self._client(RATE_RETRY) as client:
             rate = client.get_instance(int(machine_id)).get("dph_total")

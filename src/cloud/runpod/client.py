@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from src.cloud.provider import CloudError
-from src.cloud.retry import RetryPolicy
+from src.cloud.retry import GaveUp, MaybeSent, RetryPolicy, send_with_retries
 from src.common.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://rest.runpod.io/v1"
@@ -38,7 +38,6 @@ DEFAULT_GRAPHQL_URL = "https://api.runpod.io/graphql"
 KEY_ENV = "RUNPOD_API_KEY"
 URL_ENV = "RUNPOD_REST_URL"  # tests point these at 127.0.0.1
 GRAPHQL_URL_ENV = "RUNPOD_GRAPHQL_URL"
-RETRY_STATUSES = {429, 500, 502, 503, 504}
 NO_KEY_HINT = f"no RunPod API key: set {KEY_ENV} in the environment or .env"
 GPU_TYPES_QUERY = (
     "query GpuTypes { gpuTypes { id displayName memoryInGb secureCloud communityCloud "
@@ -153,37 +152,25 @@ class RunPodClient:
         a 5xx raises ``RunPodMaybeDone`` at once (only "no connection" and 429 are retried)."""
         target = url or f"{self.base_url}{path}"
         what = f"{method} {path}"
-        last_problem = ""
-        for attempt in range(self.retry.attempts):
-            retry_after = None
-            maybe_sent = False
-            try:
-                response = self._http.request(method, target, params=params, json=json_body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
-                last_problem = f"cannot reach {target} ({type(error).__name__})"
-            except httpx.TimeoutException:
-                last_problem = f"no answer within {self.timeout:g} s"
-                maybe_sent = True
-            except httpx.TransportError as error:
-                last_problem = f"connection failed ({type(error).__name__})"
-                maybe_sent = True
-            else:
-                if response.status_code not in RETRY_STATUSES:
-                    return self._check(what, response)
-                retry_after = response.headers.get("Retry-After")
-                kind = "rate limited" if response.status_code == 429 else "server error"
-                last_problem = f"HTTP {response.status_code} ({kind})"
-                maybe_sent = response.status_code != 429
-            if maybe_sent and not idempotent:
-                raise RunPodMaybeDone(self._scrub(f"RunPod API {what}: {last_problem}"))
-            if attempt + 1 < self.retry.attempts:
-                self._sleep(self.retry.delay(attempt, retry_after))
-        raise RunPodError(
-            self._scrub(
-                f"RunPod API {what}: {last_problem} after {self.retry.attempts} attempts; "
-                f"check your network or {URL_ENV}, or try again later"
+        try:
+            response = send_with_retries(
+                lambda: self._http.request(method, target, params=params, json=json_body),
+                self.retry,
+                where=target,
+                timeout=self.timeout,
+                idempotent=idempotent,
+                sleep=self._sleep,
             )
-        )
+        except MaybeSent as error:
+            raise RunPodMaybeDone(self._scrub(f"RunPod API {what}: {error.problem}")) from None
+        except GaveUp as error:
+            raise RunPodError(
+                self._scrub(
+                    f"RunPod API {what}: {error.problem} after {self.retry.attempts} attempts; "
+                    f"check your network or {URL_ENV}, or try again later"
+                )
+            ) from None
+        return self._check(what, response)
 
     def _check(self, what: str, response: httpx.Response) -> Any:
         try:

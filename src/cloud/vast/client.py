@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from src.cloud.provider import CloudError
-from src.cloud.retry import RetryPolicy
+from src.cloud.retry import GaveUp, MaybeSent, RetryPolicy, send_with_retries
 from src.common.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://console.vast.ai"
@@ -34,7 +34,6 @@ URL_ENV = "VAST_URL"
 # Where the vastai CLI keeps the key (`vastai set api-key`), newest location first.
 CLI_KEY_FILES = ("~/.config/vastai/vast_api_key", "~/.vast_api_key")
 LIST_PAGE_LIMIT = 25  # the v1 listing caps `limit` at 25
-RETRY_STATUSES = {429, 500, 502, 503, 504}
 NO_KEY_HINT = (
     f"no Vast.ai API key: set {KEY_ENV} in the environment or .env, "
     "or run `vastai set api-key` (~/.config/vastai/vast_api_key)"
@@ -167,47 +166,33 @@ class VastClient:
         on (no connection, or 429); a timeout or 5xx stops at once with a "check status" line.
         """
         what = f"{method} {path}"
-        last_problem = ""
-        for attempt in range(self.retry.attempts):
-            retry_after = None
-            maybe_sent = False  # the server may have acted on it
-            try:
-                response = self._http.request(
+        try:
+            response = send_with_retries(
+                lambda: self._http.request(
                     method, path, params=_encode_params(params), json=json_body
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
-                # No connection was made: nothing was sent, any request may be retried.
-                last_problem = f"cannot reach {self.base_url} ({type(error).__name__})"
-            except httpx.TimeoutException:
-                last_problem = f"no answer from {self.base_url} within {self.timeout:g} s"
-                maybe_sent = True
-            except httpx.TransportError as error:
-                reason = type(error).__name__
-                last_problem = f"connection to {self.base_url} failed ({reason})"
-                maybe_sent = True
-            else:
-                if response.status_code not in RETRY_STATUSES:
-                    return self._check(what, response)
-                retry_after = response.headers.get("Retry-After")
-                kind = "rate limited" if response.status_code == 429 else "server error"
-                last_problem = f"HTTP {response.status_code} ({kind})"
-                maybe_sent = response.status_code != 429
-            if maybe_sent and not idempotent:
-                raise VastError(
-                    self._scrub(
-                        f"Vast.ai API {what}: {last_problem}; it may have gone through: check "
-                        "`python scripts/launch_vast.py status` before retrying, "
-                        "so you don't rent twice"
-                    )
-                )
-            if attempt + 1 < self.retry.attempts:
-                self._sleep(self.retry.delay(attempt, retry_after))
-        raise VastError(
-            self._scrub(
-                f"Vast.ai API {what}: {last_problem} after {self.retry.attempts} attempts; "
-                f"check your network or {URL_ENV}, or try again later"
+                ),
+                self.retry,
+                where=self.base_url,
+                timeout=self.timeout,
+                idempotent=idempotent,
+                sleep=self._sleep,
             )
-        )
+        except MaybeSent as error:
+            raise VastError(
+                self._scrub(
+                    f"Vast.ai API {what}: {error.problem}; it may have gone through: check "
+                    "`python scripts/launch_vast.py status` before retrying, "
+                    "so you don't rent twice"
+                )
+            ) from None
+        except GaveUp as error:
+            raise VastError(
+                self._scrub(
+                    f"Vast.ai API {what}: {error.problem} after {self.retry.attempts} attempts; "
+                    f"check your network or {URL_ENV}, or try again later"
+                )
+            ) from None
+        return self._check(what, response)
 
     def _check(self, what: str, response: httpx.Response) -> dict[str, Any]:
         try:

@@ -28,6 +28,7 @@ from src.common.signals import EXIT_INTERRUPTED
 from src.launch.experiment import take_debug_flag
 from src.remote.runs import describe_exit
 from src.slurm.batch_job import MULTINODE, NOTICE, decide
+from src.storage.s3 import download_verified
 from tests.support.experiment import (
     REPO_ROOT,
     assert_bit_identical,
@@ -210,6 +211,8 @@ def test_the_room_estimate_and_its_warning(tmp_path: Path) -> None:
     assert shortfall_line(tmp_path, checkpoint_bytes=1, keep_last_n=3) is None
     huge = shortfall_line(tmp_path, checkpoint_bytes=10**15, keep_last_n=3, used_bytes=10**15)
     assert huge is not None and "checkpoint.keep_last_n=3 needs ~5000000.0 GB" in huge
+    with pytest.raises(DiskFullError, match="needs ~1000000.0 GB"):  # before any download
+        download_verified(None, BUCKET, "key", tmp_path / "big.pt", size=10**15)
     error = DiskFullError(tmp_path / "x.pt", 2_000_000)
     assert error.line.startswith(f"disk full: writing {tmp_path / 'x.pt'} needs ~2.0 MB, ")
     assert take_debug_flag(["--debug", "seed=3"]) == ["seed=3"]

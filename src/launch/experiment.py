@@ -92,7 +92,7 @@ def take_debug_flag(argv: list[str]) -> list[str]:
     return [arg for arg in argv if arg != DEBUG_FLAG]
 
 
-def exit_on_config_error(exc_type: type, error: BaseException, traceback: Any) -> None:
+def exit_on_known_error(exc_type: type, error: BaseException, traceback: Any) -> None:
     """sys.excepthook for scripts: a ConfigError raised later (by the trainer, which checks
     what only the model can answer, such as trainer.monitor) is still one line and exit 2;
     a full disk (74) and GPU out of memory (1) are one line too. By then ``fit`` has waited
@@ -152,7 +152,7 @@ def load_experiment_config(
         argv = [] if notebook else sys.argv[1:]
     argv = take_debug_flag(list(argv))
     if not notebook:
-        sys.excepthook = exit_on_config_error
+        sys.excepthook = exit_on_known_error
         threading.excepthook = quiet_disk_full_in_threads
         exit_cleanly_after_training()  # a signal during test() or the final writes: 75, not -15
     try:

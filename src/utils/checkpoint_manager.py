@@ -416,13 +416,14 @@ class CheckpointManager:
             if problem is None:
                 try:
                     state = self.format.load(record, map_location)
+                except Exception as error:  # corrupt zip, pickle error
+                    problem = f"cannot load ({type(error).__name__}: {error})"
+                else:
                     self.last_source = self._downloaded.get(record.step, str(record.path))
                     self._checkpoint_bytes = record.size
                     if self.is_writer and not self._space_checked:
                         self._check_space(record.size, state_bytes(state.get("model")))
                     return LoadedCheckpoint(state, record)
-                except Exception as error:  # corrupt zip, pickle error
-                    problem = f"cannot load ({type(error).__name__}: {error})"
             print_warning(
                 f"skipping checkpoint {record.path.name}: {problem}; trying the previous one"
             )

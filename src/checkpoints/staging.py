@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from src.common.console import print_warning
+from src.common.errors import DiskFullError
 
 
 class StagingBuffer:
@@ -87,6 +88,8 @@ class BackgroundWriter:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, DiskFullError):
+                raise error  # already one line that says which file and what to change
             raise RuntimeError(f"background checkpoint write failed: {error}") from error
 
     def _run(self, write: Callable[[], None]) -> None:
@@ -101,5 +104,5 @@ def _flush_at_exit(writer_ref: weakref.ref) -> None:
     if writer is not None:
         try:
             writer.wait()
-        except RuntimeError as error:
+        except (RuntimeError, OSError) as error:
             print_warning(str(error))

@@ -8,7 +8,7 @@ Layout inside the checkpoint directory::
 A checkpoint counts only once its sidecar exists and the file's size and sha256 match it.
 Each write goes temp file -> fsync -> rename -> fsync(dir), the sidecar last, so a SIGKILL or
 power loss at any moment leaves either the previous complete checkpoint or the new one,
-never a half-written file that gets loaded.
+never a half-written file that gets loaded. A write that does not fit raises DiskFullError.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from src.checkpoints.disk_space import is_torch_short_write, state_bytes
 from src.checkpoints.record import CheckpointFile, CheckpointRecord, verify_files
 from src.checkpoints.sidecar import (
     CHECKPOINT_PREFIX,
@@ -32,6 +33,8 @@ from src.checkpoints.sidecar import (
     write_sidecar,
 )
 from src.common.atomic_io import fsync_dir, temp_path_for
+from src.common.errors import DiskFullError, free_bytes, is_disk_full
+from src.common.signals import writing_file
 
 TORCH_FILE_SUFFIX = ".pt"
 TORCH_FILE_GLOB = f"{CHECKPOINT_PREFIX}*{TORCH_FILE_SUFFIX}"
@@ -55,21 +58,35 @@ class _HashingWriter:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> tuple[str, int]:
-    """torch.save via temp file + fsync + rename; returns (sha256, size) of what landed."""
+    """torch.save via temp file + fsync + rename; returns (sha256, size) of what landed.
+
+    A full disk raises DiskFullError (the temp file removed first, so the free space it
+    reports is what a retry has)."""
     tmp = temp_path_for(path)
-    try:
-        with open(tmp, "wb") as handle:
-            writer = _HashingWriter(handle)
-            torch.save(obj, writer)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if writer.size != tmp.stat().st_size:  # torch.save seeked instead of streaming
-            raise OSError(f"wrote {writer.size} bytes but {tmp.name} has {tmp.stat().st_size}")
-        digest, size = writer.digest.hexdigest(), writer.size
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    with writing_file():  # a stop signal after training lets this write end first
+        try:
+            with open(tmp, "wb") as handle:
+                writer = _HashingWriter(handle)
+                torch.save(obj, writer)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if writer.size != tmp.stat().st_size:  # torch.save seeked instead of streaming
+                raise OSError(f"wrote {writer.size} bytes but {tmp.name} has {tmp.stat().st_size}")
+            digest, size = writer.digest.hexdigest(), writer.size
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as error:
+            tmp.unlink(missing_ok=True)
+            needed = state_bytes(obj)
+            # torch's zip writer reports a short write as a RuntimeError ("unexpected pos"),
+            # with the ENOSPC in its context only when the bytes went through Python.
+            if is_disk_full(error) or (
+                is_torch_short_write(error) and free_bytes(path.parent) < needed
+            ):
+                raise DiskFullError(path, needed) from error
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
     return digest, size
 
 

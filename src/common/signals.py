@@ -4,6 +4,11 @@ The handler does no I/O beyond one line and never raises, so a signal that lands
 mid-step (or mid checkpoint write) cannot corrupt anything: the loop finishes the
 step, saves, and exits with EXIT_INTERRUPTED. A second Ctrl-C aborts at once
 (EXIT_ABORTED) without saving; the previous checkpoint stays valid.
+
+After the last step (``test()``, the final writes, interpreter shutdown) a stop signal ends
+the process at once, but never inside a file write (``writing_file``): the write finishes
+first. It exits 0 once the run's results are written (``mark_results_written``), else 75 and
+the same command finishes the rest; never by the signal itself.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import NoReturn
 
@@ -50,6 +56,7 @@ class StopRequest:
         self.signals = list(dict.fromkeys(signals))
         self.requested = False
         self.signal_name: str | None = None
+        self.training_done = False  # set by the trainer once every step and write is done
         self._previous: dict[signal.Signals, object] = {}
 
     def install(self) -> StopRequest:
@@ -64,11 +71,19 @@ class StopRequest:
         than SIGINT get ``exit_after_stop`` instead: the checkpoint is durable, and a
         duplicate of the signal (``scancel`` reaches every process of a job and the Slurm
         batch script passes it on too) must end the process with 75, not kill it by signal
-        (exit 143). A kernel gets its handlers back: it lives on after the cell."""
+        (exit 143). Once training is done (``training_done``: the trainer sets it), every
+        stop signal gets ``exit_when_written`` (the test set, the final writes, shutdown).
+        A kernel gets its handlers back: it lives on after the cell."""
         after_stop = self.requested and "ipykernel" not in sys.modules
+        finishing = self.training_done and not self.requested and _results.scripted
+        if finishing:
+            _results.written = False  # this run's results are still to come
         for sig, previous in self._previous.items():
             if after_stop and sig != signal.SIGINT:
                 previous = exit_after_stop
+            elif finishing:
+                previous = exit_when_written
+            if previous in (exit_after_stop, exit_when_written):
                 # Python puts SIG_DFL back in place of Python handlers while the interpreter
                 # shuts down (seconds, with torch loaded): ignore the signal from atexit on.
                 atexit.register(signal.signal, sig, signal.SIG_IGN)
@@ -107,12 +122,74 @@ def exit_after_stop(signum: int, frame: FrameType | None) -> NoReturn:
     """A stop signal once the stop checkpoint is durable: end now, as the stop would have.
 
     A Python handler, not SIG_IGN, which child processes would inherit."""
+    _exit_now(EXIT_INTERRUPTED)
+
+
+class _Results:
+    """What a stop signal after training needs to know: the writes in progress (any thread)
+    and whether the run's results are all written."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.writes_in_progress = 0
+        self.exit_code_when_written: int | None = None  # set by a signal during a write
+        self.written = False
+        self.scripted = False  # exit_cleanly_after_training() was called: a script
+
+
+_results = _Results()
+
+
+def exit_cleanly_after_training() -> None:
+    """For scripts (``src.launch.load_experiment_config`` calls it): once ``fit`` has
+    trained to the end, a stop signal exits 75 or 0 (``exit_when_written``) instead of
+    killing the process. Not in a kernel or a test process: they live on after a fit."""
+    _results.scripted = True
+
+
+@contextmanager
+def writing_file() -> Iterator[None]:
+    """Around each atomic file write: a stop signal after training waits for it to end."""
+    with _results.lock:
+        _results.writes_in_progress += 1
+    try:
+        yield
+    finally:
+        with _results.lock:
+            _results.writes_in_progress -= 1
+            done = _results.writes_in_progress == 0
+        if done and _results.exit_code_when_written is not None:
+            _exit_now(_results.exit_code_when_written)
+
+
+def mark_results_written() -> None:
+    """The run's last result is on disk (test_results.json): a stop signal now exits 0."""
+    _results.written = True
+
+
+def exit_when_written(signum: int, frame: FrameType | None) -> None:
+    """A stop signal after the last step: exit now, or as soon as the file being written is
+    complete; 0 if the results are all written, else 75 (the same command finishes them).
+
+    Runs in the main thread between bytecodes: takes no lock (the main thread may hold it)."""
+    code = 0 if _results.written else EXIT_INTERRUPTED
+    name = signal.Signals(signum).name
+    what = "everything is written" if code == 0 else "trained and saved, the same command ends it"
+    _results.exit_code_when_written = code
+    wait = "; finishing the file being written first" if _results.writes_in_progress else ""
+    line = f"\n[trainer] {name} received after the last step: {what} (exit {code}){wait}\n"
+    os.write(2, line.encode())
+    if not _results.writes_in_progress:  # a write that ended meanwhile saw the code set above
+        _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, RuntimeError, ValueError):  # closed, or flushing when signalled
             pass
-    os._exit(EXIT_INTERRUPTED)
+    os._exit(code)
 
 
 def ignore_stop_signals(signal_names: Iterable[str], worker_id: int = 0) -> None:

@@ -297,7 +297,7 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
         arg = args.pop(0)
         if arg in {"-h", "--help"}:
             raise SystemExit(
-                "usage: python experiments/<name>.py [--config PATH] [key=value ...]\n"
+                "usage: python experiments/<name>.py [--config PATH] [--debug] [key=value ...]\n"
                 "  e.g. trainer.max_steps=300 seed=3 run_name=my-run paths.output_dir=./outputs"
             )
         if arg == "--config":

@@ -2,22 +2,32 @@
 checked against this machine, the run directory guarded and locked before anything trains.
 
 As a script a ConfigError becomes one line on stderr and exit code 2 (``sys.excepthook``
-too, for one raised later by the trainer); in a Jupyter kernel errors are raised so the cell
-shows them without killing the kernel.
+too, for one raised later by the trainer), a full disk one line and exit 74, GPU out of
+memory one line and exit 1; ``--debug`` on the command line (or ``LOGLEVEL=DEBUG``) adds the
+traceback. In a Jupyter kernel errors are raised so the cell shows them without killing
+the kernel.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from src.common.errors import EXIT_CONFIG_ERROR, ConfigError
+from src.common.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_FAILED,
+    ONE_LINE_ERRORS,
+    ConfigError,
+    is_disk_full,
+)
 from src.common.paths import resolve_output_dir
+from src.common.signals import exit_cleanly_after_training
 from src.config import (
     DEV_CONFIG,
     PROD_CONFIG,
@@ -68,16 +78,51 @@ def print_config_error(error: ConfigError) -> None:
         print(error.line, file=sys.stderr)
 
 
-def exit_on_config_error(exc_type: type, error: BaseException, traceback: Any) -> None:
+DEBUG_FLAG = "--debug"  # on an experiment's command line: tracebacks with the one lines
+_debug = {"on": False}
+
+
+def debugging() -> bool:
+    """``--debug`` was given, or ``LOGLEVEL=DEBUG`` is set: show tracebacks."""
+    return _debug["on"] or os.environ.get("LOGLEVEL", "").upper() == "DEBUG"
+
+
+def take_debug_flag(argv: list[str]) -> list[str]:
+    """``argv`` without ``--debug``, remembering whether it was there."""
+    _debug["on"] = DEBUG_FLAG in argv
+    return [arg for arg in argv if arg != DEBUG_FLAG]
+
+
+def exit_on_known_error(exc_type: type, error: BaseException, traceback: Any) -> None:
     """sys.excepthook for scripts: a ConfigError raised later (by the trainer, which checks
-    what only the model can answer, such as trainer.monitor) is still one line and exit 2."""
+    what only the model can answer, such as trainer.monitor) is still one line and exit 2;
+    a full disk (74) and GPU out of memory (1) are one line too. By then ``fit`` has waited
+    for its checkpoint writes, so exiting at once loses nothing."""
     if issubclass(exc_type, ConfigError):
         discard_unused_run_dirs()  # "nothing written": not even an empty run directory
         print_config_error(error)  # type: ignore[arg-type]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_CONFIG_ERROR)  # raised before training: no write is pending
+        _exit_now(EXIT_CONFIG_ERROR)  # raised before training: no write is pending
+    if issubclass(exc_type, ONE_LINE_ERRORS) or issubclass(exc_type, torch.cuda.OutOfMemoryError):
+        if debugging():
+            sys.__excepthook__(exc_type, error, traceback)
+        line = getattr(error, "line", None) or f"GPU out of memory: {str(error).splitlines()[0]}"
+        print(line, file=sys.stderr)
+        _exit_now(getattr(error, "exit_code", EXIT_FAILED))
     sys.__excepthook__(exc_type, error, traceback)
+
+
+def quiet_disk_full_in_threads(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook for scripts: a writer thread (TensorBoard's) that died of a full
+    disk prints nothing; the main thread meets the same error and says it in one line."""
+    if is_disk_full(args.exc_value) and not debugging():
+        return
+    threading.__excepthook__(args)
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def load_experiment_config(
@@ -107,8 +152,11 @@ def load_experiment_config(
     notebook = in_notebook()
     if argv is None:
         argv = [] if notebook else sys.argv[1:]
+    argv = take_debug_flag(list(argv))
     if not notebook:
-        sys.excepthook = exit_on_config_error
+        sys.excepthook = exit_on_known_error
+        threading.excepthook = quiet_disk_full_in_threads
+        exit_cleanly_after_training()  # a signal during test() or the final writes: 75, not -15
     try:
         config_path, overrides = parse_cli(argv)
         cfg = load_config(

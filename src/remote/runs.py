@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from src.common.atomic_io import atomic_write_bytes
+from src.common.errors import EXIT_DISK_FULL
 from src.common.signals import EXIT_ABORTED, EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
 
 REGISTRY_DIR = ".remote_runs"
@@ -84,6 +85,7 @@ def describe_exit(exit_code: int | None, signal_name: str | None = None) -> str:
         EXIT_INTERRUPTED: "interrupted",
         EXIT_BUDGET_REACHED: "stopped (budget reached)",
         EXIT_CONFIG: "failed (config error or run in use)",
+        EXIT_DISK_FULL: "disk full",
         EXIT_ABORTED: "aborted",
     }.get(exit_code, "crashed")
 

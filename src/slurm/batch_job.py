@@ -14,8 +14,9 @@ reach this process and nothing else. It
    waits for them, then ``scontrol requeue``s the job and exits. The restart resumes.
 
 Only a stop that followed the notice is requeued: exit 76 (``cost.budget_usd`` reached)
-never is, since the restart would stop again at once; nor is a crash (it would crash
-again) or a SIGTERM (``scancel`` means stop; a preempting Slurm requeues by itself).
+never is, since the restart would stop again at once; nor is a crash or a full disk
+(exit 74: either would fail again) or a SIGTERM (``scancel`` means stop; a preempting
+Slurm requeues by itself).
 The module imports no torch, so the notice is handled from the first second.
 """
 
@@ -35,6 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
+from src.common.errors import EXIT_DISK_FULL
 from src.common.signals import EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
 
 EXIT_USAGE = 2
@@ -231,6 +233,13 @@ def decide(code: int, notice: str | None, mode: str, run_name: str) -> Outcome:
             False,
             "cost.budget_usd reached (exit 76): not requeued, a restart would stop again at "
             f"once; raise cost.budget_usd and {resume}",
+        )
+    if code == EXIT_DISK_FULL:
+        return Outcome(
+            code,
+            False,
+            "disk full (exit 74): not requeued, a restart would fail again; make room (the "
+            f"line above names the file and the fixes) and {resume}",
         )
     if notice == NOTICE.name:
         # Exit 75: checkpoint saved. Killed by the forwarded USR1 itself: the process had not

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from src.common.atomic_io import fsync_dir, sha256_file, temp_path_for
+from src.common.errors import DiskFullError, free_bytes, is_disk_full
 from src.config import BUCKET_NAME, ConfigError
 
 SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
@@ -170,12 +171,21 @@ def download_verified(
 ) -> None:
     """Download to a temp file, check size and sha256, then rename over ``target``.
 
-    A failed or interrupted download never leaves a partial ``target``.
+    A failed or interrupted download never leaves a partial ``target``; one that cannot fit
+    raises DiskFullError (before it starts, when ``size`` says so).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    if size is not None and free_bytes(target.parent) < size:
+        raise DiskFullError(target, size)
     tmp = temp_path_for(target)
     try:
-        client.download_file(bucket, key, str(tmp), Config=transfer_config(), Callback=callback)
+        try:
+            client.download_file(bucket, key, str(tmp), Config=transfer_config(), Callback=callback)
+        except Exception as error:
+            if is_disk_full(error):
+                tmp.unlink(missing_ok=True)
+                raise DiskFullError(target, size) from error
+            raise
         if size is not None and tmp.stat().st_size != size:
             raise S3SyncError(
                 f"s3://{bucket}/{key}: downloaded {tmp.stat().st_size} bytes, expected {size}"

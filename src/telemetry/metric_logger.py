@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from src.common.errors import DiskFullError, is_disk_full
 from src.config import scrub_secret_values, secret_values, to_plain_dict, wandb_enabled
 from src.runs.layout import RunLayout
 
@@ -35,6 +36,7 @@ class MetricLogger:
         wandb_run_id: str | None = None,
     ) -> None:
         self._tb = None
+        self._tb_dir = RunLayout(run_dir).tensorboard
         self._wandb_run = None
         if not enabled:
             return
@@ -42,7 +44,7 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(
-                log_dir=str(RunLayout(run_dir).tensorboard),
+                log_dir=str(self._tb_dir),
                 # Drop events logged after the checkpoint by the interrupted process.
                 purge_step=resume_step + 1 if resume_step > 0 else None,
             )
@@ -58,6 +60,12 @@ class MetricLogger:
                 target=self._wandb_writer, name="wandb-log", daemon=True
             )
             self._wandb_thread.start()
+
+    def _raise_disk_full(self, error: OSError) -> None:
+        """TensorBoard's event file did not fit: the one-line DiskFullError, else ``error``."""
+        if not is_disk_full(error):
+            raise error
+        raise DiskFullError(self._tb_dir, None) from error
 
     def _wandb_writer(self) -> None:
         while (item := self._wandb_queue.get()) is not None:
@@ -76,19 +84,28 @@ class MetricLogger:
             values = [
                 Summary.Value(tag=name, simple_value=value) for name, value in metrics.items()
             ]
-            self._tb._get_file_writer().add_summary(Summary(value=values), step)
+            try:
+                self._tb._get_file_writer().add_summary(Summary(value=values), step)
+            except OSError as error:  # its writer thread's error, surfaced here
+                self._raise_disk_full(error)
         if self._wandb_run is not None:
             self._wandb_queue.put((metrics, step))
 
     def flush(self) -> None:
         """Events on disk now (the S3 mirror uploads the run directory after checkpoints)."""
         if self._tb is not None:
-            self._tb.flush()
+            try:
+                self._tb.flush()
+            except OSError as error:
+                self._raise_disk_full(error)
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except OSError as error:
+                self._raise_disk_full(error)
         if self._wandb_run is not None:
             self._wandb_queue.put(None)  # what was logged goes out first
             self._wandb_thread.join()

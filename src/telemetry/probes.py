@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from src.checkpoints.disk_space import disk_need_bytes as disk_need_bytes  # the trainer's estimate
 from src.telemetry.gpu_peaks import GB, MB, peak_for
 from src.telemetry.nvml import NvmlUnavailable, nvml_session, visible_handles
 
@@ -282,13 +283,9 @@ def measure_gpu(index: int, sizes: CheckSizes) -> dict[str, Any]:
     return figures
 
 
-def disk_need_bytes(checkpoint_bytes: int, keep_last_n: int, weights_bytes: int = 0) -> int:
-    """Space a run needs on its volume: ``keep_last_n`` + 2 checkpoints (one being written,
-    one being retired) plus the best and final weights."""
-    return checkpoint_bytes * (keep_last_n + 2) + 2 * weights_bytes
-
-
 def measure_disk(path: Path, sizes: CheckSizes, need_bytes: int | None) -> dict[str, Any]:
+    """Free space, the room a run needs (``disk_need_bytes``, the trainer's own estimate)
+    and the write speed at ``path``."""
     path.mkdir(parents=True, exist_ok=True)
     return {
         "path": str(path),

@@ -18,7 +18,13 @@ step boundary the trainer saves a checkpoint, waits until it is on disk, and ``f
 with ``interrupted=True``; scripts then exit with ``EXIT_INTERRUPTED`` (75). Running the same
 command again resumes, exactly (model, optimizer, scheduler, scaler, RNGs, the position in
 the epoch), on this machine or, through ``checkpoint.s3_bucket``, on a fresh one. A spent
-``cost.budget_usd`` stops the run the same way, with ``EXIT_BUDGET_REACHED`` (76).
+``cost.budget_usd`` stops the run the same way, with ``EXIT_BUDGET_REACHED`` (76). A signal
+after the last step lets the file being written finish, then exits 75 (0 once
+test_results.json is written), never by the signal.
+
+Failures as one line (scripts, through ``src.launch``): a full disk exits 74 naming the file
+and the room it needed (with S3, local checkpoints verified there are deleted first to make
+room); GPU out of memory exits 1 naming the batch size and the fixes (out_of_memory.py).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from src.common.signals import (
     EXIT_INTERRUPTED,
     StopRequest,
     ignore_stop_signals,
+    mark_results_written,
     parse_signals,
 )
 from src.config import AUTO_BATCH_SIZE, resume_settings
@@ -63,6 +70,7 @@ from src.trainers.distributed import (
 from src.trainers.early_stopping import EarlyStopping
 from src.trainers.final_upload import finish_uploads
 from src.trainers.lr_schedule import lr_factor, warmup_cosine_schedule
+from src.trainers.out_of_memory import ExplainOutOfMemory
 from src.trainers.progress import Progress, extending_line, finished_line, say
 from src.trainers.snapshot import TrainingParts, restore_snapshot, should_load_scaler, take_snapshot
 from src.trainers.steps import (
@@ -77,7 +85,7 @@ from src.trainers.steps import (
     default_train_step,
 )
 from src.trainers.train_state import STOP_PRECEDENCE, EpochLoss, FitResult, Outcome, TrainState
-from src.utils.checkpoint_manager import CheckpointManager, atomic_torch_save
+from src.utils.checkpoint_manager import CheckpointManager
 from src.utils.gpu_monitor import GpuSampler
 
 __all__ = [
@@ -139,6 +147,7 @@ class InterruptibleTrainer:
             eval_fn = eval_fn or functools.partial(default_eval_step, loss_fn=loss_fn)
         self.step_fn, self.eval_fn = step_fn, eval_fn or step_fn
         self.model = model.to(self.device)
+        self._parameter_count = sum(p.numel() for p in self.model.parameters())
         # What the step function sees while training; checkpoints save self.model.
         self.train_model = wrap_for_training(self.model, self.dist, self.device)
         if cfg.trainer.compile:
@@ -229,9 +238,9 @@ class InterruptibleTrainer:
                 finally:
                     progress.close()
                     self.checkpoints.wait()  # pending writes are durable before we return
-            if not outcome.stopped and self.dist.is_main:
-                atomic_torch_save(self.model.state_dict(), self.layout.final_model)
-                write_json(self.layout.training_log, self.state.history)
+                if not outcome.stopped:
+                    # Still under the stop handler: a signal now only sets the flag.
+                    outcome = self._finish_training(outcome)
             barrier(self.dist)  # other ranks read best_model.pt only once rank 0 has written it
         finally:
             grace = self.cfg.checkpoint.s3_stop_grace_s
@@ -249,6 +258,20 @@ class InterruptibleTrainer:
             cost_usd=round(self.state.cost_usd, 4) if self.cost.tracked else None,
         )
 
+    def _finish_training(self, outcome: Outcome) -> Outcome:
+        """The final weights and log; then INTERRUPTED if a stop signal came after the last
+        step (the script exits 75, the same command goes on to the test set), else
+        ``outcome``, and stop signals from now on wait for the write in progress."""
+        if self.dist.is_main:
+            self.checkpoints.save_weights(self.model.state_dict(), self.layout.final_model)
+            write_json(self.layout.training_log, self.state.history)
+        if max_over_ranks(int(self.stop_request.requested), self.dist, self.device):
+            name = self.stop_request.signal_name or "a stop signal"
+            self._print(f"{name} after the last step: the run is trained and saved")
+            return Outcome.INTERRUPTED
+        self.stop_request.training_done = True
+        return outcome
+
     def _work_left(self) -> bool:
         state = self.state
         return (
@@ -265,12 +288,14 @@ class InterruptibleTrainer:
             self._print(self.cost.budget_reached_line(state))
             return Outcome.BUDGET_REACHED
         while self._work_left():
-            outcome = self._train_epoch(progress)
+            with self._explain_out_of_memory("a training step"):
+                outcome = self._train_epoch(progress)
             if outcome.stopped:
                 return outcome
             # At max_steps mid-epoch: evaluate, but keep the position (a longer re-run goes on).
             epoch_done = outcome == Outcome.RUNNING
-            improved, early_stop = self._evaluate_and_record(progress, epoch_done)
+            with self._explain_out_of_memory("evaluation"):
+                improved, early_stop = self._evaluate_and_record(progress, epoch_done)
             if early_stop:
                 state.status = Outcome.EARLY_STOPPED
             elif not self._work_left():
@@ -404,7 +429,8 @@ class InterruptibleTrainer:
             final_state = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(torch.load(best_path, map_location="cpu"))
             weights = "best"
-        metrics = self.evaluate(test_set)
+        with self._explain_out_of_memory("the test evaluation"):
+            metrics = self.evaluate(test_set)
         if weights == "best":
             self.model.load_state_dict(final_state)
         best_key = f"best_{self.monitor.replace('/', '_')}"  # best_val_loss by default
@@ -432,6 +458,7 @@ class InterruptibleTrainer:
             write_json(self.layout.test_results, results)
             if self.mirror is not None:
                 self.mirror.push_files()
+        mark_results_written()  # a stop signal from now on exits 0
         return results
 
     def _check_monitor(self) -> None:
@@ -526,6 +553,9 @@ class InterruptibleTrainer:
 
     def _autocast(self) -> Any:
         return autocast(self.precision, self.device)
+
+    def _explain_out_of_memory(self, where: str) -> ExplainOutOfMemory:
+        return ExplainOutOfMemory(where, self.batch_size, self._parameter_count)
 
     def _resolve_batch_size(self) -> int:
         """``data.batch_size``, or for ``auto`` the size this run recorded, else a search now."""

@@ -15,6 +15,11 @@ S3 mirror (``remote_bucket=``): each committed checkpoint is handed to a
 the background; ``load_latest()`` takes the newest complete checkpoint across local disk and
 the bucket (downloading it first when the bucket's is newer), and pruning never deletes a
 local checkpoint before the mirror says it is safe.
+
+A full disk: the first save (or a resume) warns when ``keep_last_n`` checkpoints will not fit
+on the volume. A save that does not fit deletes the oldest local checkpoints already
+verified in S3 until it does; with none, it raises DiskFullError (one line: the file, the
+room it needed, the room free, the fixes) and the newest complete checkpoint stays valid.
 """
 
 from __future__ import annotations
@@ -25,16 +30,18 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
+from src.checkpoints.disk_space import shortfall_line, state_bytes
 from src.checkpoints.format import CheckpointFormat
 from src.checkpoints.record import CheckpointRecord, retained_steps
 from src.checkpoints.sidecar import CHECKPOINT_PREFIX, read_checkpoint_infos
 from src.checkpoints.staging import BackgroundWriter
 from src.checkpoints.torch_file import TorchFileFormat, atomic_torch_save
 from src.common.console import print_note, print_warning
+from src.common.errors import DiskFullError, is_disk_full
 from src.storage.checkpoint_mirror import CheckpointMirror, FlushReport
 from src.storage.s3 import S3SyncError, error_line
 
@@ -49,6 +56,10 @@ __all__ = [
 ]
 
 CheckpointInfo = CheckpointRecord  # the old name of a committed checkpoint's record
+# On a full disk, how long a save waits for the S3 uploads in flight before it picks which
+# local checkpoints are safe to delete.
+ROOM_FLUSH_S = 30.0
+T = TypeVar("T")
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -107,6 +118,9 @@ class CheckpointManager:
         self.last_source = ""  # where load_latest found its checkpoint: a path or an s3:// URL
         self._downloaded: dict[int, str] = {}  # step -> the s3:// URL it came from
         self._writer = BackgroundWriter()
+        self._space_checked = False  # warned (or not) about the room keep_last_n needs
+        self._checkpoint_bytes = 0  # the newest checkpoint's size, once known
+        self._made_room = False  # deleted a local checkpoint verified in S3 for room
         self.last_stall_s = 0.0  # time save() blocked the caller, for benchmarks and logs
         if is_writer:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -201,17 +215,92 @@ class CheckpointManager:
         metadata: dict[str, Any],
         best_model_path: Path | None,
     ) -> None:
-        record = self.format.write(
-            self.checkpoint_dir, step, snapshot, is_best=is_best, metadata=metadata
-        )
-        # best_model.pt is durable before the sidecar commits the checkpoint that names it:
-        # a kill in between leaves the previous checkpoint newest, and the replay rewrites it.
-        if best_model_path is not None and "model" in snapshot:
-            atomic_torch_save(snapshot["model"], Path(best_model_path))
-        self.format.commit(record)
+        try:
+            record = self._with_room(
+                step,
+                lambda: self.format.write(
+                    self.checkpoint_dir, step, snapshot, is_best=is_best, metadata=metadata
+                ),
+            )
+        except DiskFullError as error:
+            if self._checkpoint_bytes > (error.needed_bytes or 0):  # closer than the tensors
+                raise DiskFullError(error.path, self._checkpoint_bytes) from error
+            raise
+        try:
+            # best_model.pt is durable before the sidecar commits the checkpoint that names
+            # it: a kill in between leaves the previous checkpoint newest, and the replay
+            # rewrites it.
+            if best_model_path is not None and "model" in snapshot:
+                self._with_room(step, lambda: atomic_torch_save(snapshot["model"], best_model_path))
+            self._with_room(step, lambda: self.format.commit(record))
+        except DiskFullError as error:
+            self.format.delete(record)  # never committed: its room goes back now
+            raise DiskFullError(error.path, error.needed_bytes) from error
         if self.mirror is not None:
             self.mirror.enqueue(record)
+        self._checkpoint_bytes = record.size
+        if not self._space_checked:
+            self._check_space(record.size, state_bytes(snapshot.get("model")))
         self._prune()
+
+    def save_weights(self, weights: dict[str, Any], path: Path) -> None:
+        """``torch.save`` of ``weights`` (final_model.pt) atomically, making room like a
+        checkpoint save does when the disk is full."""
+        self.wait()
+        self._with_room(None, lambda: atomic_torch_save(weights, Path(path)))
+
+    # ----- a full disk --------------------------------------------------------------------
+
+    def _with_room(self, step: int | None, write: Callable[[], T]) -> T:
+        """``write()``; on a full disk, delete the oldest local checkpoint that is verified
+        in S3 and try again, until it fits or none is left (then DiskFullError)."""
+        while True:
+            try:
+                return write()
+            except OSError as error:  # DiskFullError, or ENOSPC from another format
+                if not is_disk_full(error):
+                    raise
+                if not self._delete_one_verified(step):
+                    if isinstance(error, DiskFullError):
+                        raise
+                    where = Path(error.filename or self.checkpoint_dir)
+                    raise DiskFullError(where, None) from error
+
+    def _delete_one_verified(self, writing: int | None) -> bool:
+        """Make room: delete the oldest local checkpoint S3 holds, verified. Never one that
+        is not there (its only copy), and never the one being written."""
+        if self.mirror is None or not self.mirror.running:
+            return False
+        self.mirror.flush(ROOM_FLUSH_S)  # one still uploading may become safe to delete
+        for record in reversed(self.list_checkpoints()):  # oldest first
+            if record.step != writing and self.mirror.safe_to_delete(record.step, record.sha256):
+                self.format.delete(record)
+                if not self._made_room:  # once: from then on it is the steady state
+                    self._made_room = True
+                    print_note(
+                        f"disk full: deleted the local {record.path.name} (verified in "
+                        f"{self.mirror.url()}) to make room; older local checkpoints already "
+                        "in S3 make room like this from now on (a lower checkpoint.keep_last_n "
+                        "spares the failed writes)"
+                    )
+                return True
+        return False
+
+    def _check_space(self, checkpoint_bytes: int, weights_bytes: int) -> None:
+        """Once per process, when a checkpoint's size is known: warn if keep_last_n of them
+        (plus the weights) will not fit on this volume."""
+        self._space_checked = True
+        used = sum(record.size for record in self.list_checkpoints())
+        line = shortfall_line(
+            self.checkpoint_dir,
+            checkpoint_bytes,
+            self.keep_last_n,
+            weights_bytes,
+            used,
+            mirrored=self.mirror is not None,
+        )
+        if line is not None:
+            print_warning(line)
 
     # ----- S3 --------------------------------------------------------------------------
 
@@ -275,7 +364,7 @@ class CheckpointManager:
             if remote and (not local or remote[0].step > local[0].step):
                 self.download_latest()
         except Exception as error:
-            if not local:
+            if not local or isinstance(error, DiskFullError):
                 raise
             where = self.mirror.url()
             print_warning(f"cannot read {where} ({error_line(error)}); using local ones")
@@ -327,10 +416,14 @@ class CheckpointManager:
             if problem is None:
                 try:
                     state = self.format.load(record, map_location)
-                    self.last_source = self._downloaded.get(record.step, str(record.path))
-                    return LoadedCheckpoint(state, record)
                 except Exception as error:  # corrupt zip, pickle error
                     problem = f"cannot load ({type(error).__name__}: {error})"
+                else:
+                    self.last_source = self._downloaded.get(record.step, str(record.path))
+                    self._checkpoint_bytes = record.size
+                    if self.is_writer and not self._space_checked:
+                        self._check_space(record.size, state_bytes(state.get("model")))
+                    return LoadedCheckpoint(state, record)
             print_warning(
                 f"skipping checkpoint {record.path.name}: {problem}; trying the previous one"
             )

@@ -33,6 +33,11 @@ from src.trainers.interruptible_trainer import InterruptibleTrainer
 CONFIG = Path(__file__).with_name("tiny_lm.yaml")
 # The kill tests slow each training step so a signal lands mid-run on a fast or a loaded box.
 STEP_SECONDS = float(os.environ.get("TINY_LM_STEP_SECONDS", "0"))
+# tests/test_failures.py: a GPU out of memory at this training step call (counted in this
+# process), and a slow test set so a signal lands while test() runs.
+OOM_AT_CALL = int(os.environ.get("TINY_LM_OOM_AT_CALL", "0"))
+TEST_STEP_SECONDS = float(os.environ.get("TINY_LM_TEST_STEP_SECONDS", "0"))
+calls = {"train": 0, "testing": False}
 
 
 @dataclass
@@ -120,6 +125,12 @@ def step(model: nn.Module, batch: dict) -> dict:
     assert batch["note"] == "non-tensor values pass through"
     if STEP_SECONDS and model.training:
         time.sleep(STEP_SECONDS)
+    if model.training:
+        calls["train"] += 1
+        if calls["train"] == OOM_AT_CALL:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    if TEST_STEP_SECONDS and calls["testing"]:
+        time.sleep(TEST_STEP_SECONDS)
     logits = model(batch["input_ids"], batch["padding_mask"])
     loss = F.cross_entropy(logits, batch["labels"])
     return {"loss": loss, "acc": (logits.argmax(-1) == batch["labels"]).float().mean()}
@@ -156,4 +167,6 @@ trainer = InterruptibleTrainer(
 result = trainer.fit()
 if result.interrupted:
     exit_interrupted(result)  # 75 after a stop signal, 76 once cost.budget_usd is spent
+print("testing", flush=True)  # tests/test_failures.py signals once it reads this
+calls["testing"] = True
 print(f"done at step {result.global_step}: {trainer.test(val_set)}")

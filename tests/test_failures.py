@@ -180,6 +180,17 @@ def test_gpu_out_of_memory_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert debug.stderr.strip().splitlines()[-1].startswith("GPU out of memory: ")
 
 
+@pytest.mark.gpu
+def test_a_real_cuda_out_of_memory_is_the_same_one_line(tmp_path: Path) -> None:
+    args = [*tiny_args(tmp_path, "real-oom"), "trainer.device=cuda"]
+    failed = run_tiny(args, TINY_LM_OOM_AT_CALL="5", TINY_LM_REAL_OOM="1")
+    assert failed.returncode == 1, failed.stderr
+    assert "Traceback" not in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("GPU out of memory: in a training step at batch size 16 per device")
+    assert newest_verifies(tmp_path / "real-oom") == 3
+
+
 def test_sigterm_during_test_exits_75_not_by_the_signal(tmp_path: Path) -> None:
     env = experiment_env(TINY_LM_TEST_STEP_SECONDS="1")
     process = start_experiment(tiny_args(tmp_path, "late"), env=env, experiment=TINY_LM)

@@ -36,6 +36,8 @@ STEP_SECONDS = float(os.environ.get("TINY_LM_STEP_SECONDS", "0"))
 # tests/test_failures.py: a GPU out of memory at this training step call (counted in this
 # process), and a slow test set so a signal lands while test() runs.
 OOM_AT_CALL = int(os.environ.get("TINY_LM_OOM_AT_CALL", "0"))
+# On a GPU: that call really allocates more than any card holds (the driver's own error).
+REAL_OOM = os.environ.get("TINY_LM_REAL_OOM") == "1"
 TEST_STEP_SECONDS = float(os.environ.get("TINY_LM_TEST_STEP_SECONDS", "0"))
 calls = {"train": 0, "testing": False}
 
@@ -127,6 +129,8 @@ def step(model: nn.Module, batch: dict) -> dict:
         time.sleep(STEP_SECONDS)
     if model.training:
         calls["train"] += 1
+        if calls["train"] == OOM_AT_CALL and REAL_OOM:
+            torch.empty(2**44, dtype=torch.uint8, device=batch["input_ids"].device)  # 16 TiB
         if calls["train"] == OOM_AT_CALL:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     if TEST_STEP_SECONDS and calls["testing"]:

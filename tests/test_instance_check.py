@@ -297,3 +297,15 @@ def test_nccl_all_reduce_across_the_local_gpus() -> None:
             f"needs 2 GPUs for an all-reduce (this machine has {torch.cuda.device_count()})"
         )
     assert nccl_allreduce_busbw_gbs(torch.cuda.device_count(), megabytes=64) > 1
+
+
+def test_gpu_check_counts_uncollected_modules_without_gpu_tests_as_ok() -> None:
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        from gpu_check import pytest_result
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    missing = "ERROR collecting tests/test_notebook_cells.py\n13 passed, 1 error in 184.65s\n"
+    assert pytest_result(missing).startswith("ok (1 module(s) without GPU tests not collected")
+    assert pytest_result("ERROR collecting x\n1 failed, 12 passed, 1 error in 9s\n") == "exit 1"
+    assert pytest_result("1 failed, 12 passed in 9s\n") == "exit 1"

@@ -78,6 +78,14 @@ class CostMeter:
         if self.hourly_rate_usd is not None:
             state.cost_usd += self.hourly_rate_usd * billed / 3600
 
+    def record(self, state: TrainState) -> dict[str, float | None]:
+        """The cost fields of test_results.json."""
+        return {
+            "billed_seconds": round(state.billed_seconds, 3),
+            "hourly_rate_usd": self.hourly_rate_usd,
+            "cost_usd": round(state.cost_usd, 4),
+        }
+
     def cost_now(self, state: TrainState) -> float:
         """The run's cost up to this moment, without ticking."""
         if self.hourly_rate_usd is None:

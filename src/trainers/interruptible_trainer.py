@@ -84,7 +84,14 @@ from src.trainers.steps import (
     default_optimizer,
     default_train_step,
 )
-from src.trainers.train_state import STOP_PRECEDENCE, EpochLoss, FitResult, Outcome, TrainState
+from src.trainers.train_state import (
+    STOP_PRECEDENCE,
+    EpochLoss,
+    FitResult,
+    Outcome,
+    TrainState,
+    test_record,
+)
 from src.utils.checkpoint_manager import CheckpointManager
 from src.utils.gpu_monitor import GpuSampler
 
@@ -433,27 +440,12 @@ class InterruptibleTrainer:
             metrics = self.evaluate(test_set)
         if weights == "best":
             self.model.load_state_dict(final_state)
-        best_key = f"best_{self.monitor.replace('/', '_')}"  # best_val_loss by default
-        results = {
-            **{f"test_{name}": value for name, value in metrics.items()},
-            "weights": weights,
-            "monitor": self.monitor,
-            best_key: self.state.best_value,
-            "best_epoch": self.state.best_epoch,
-            "best_step": self.state.best_step,
-            "global_step": self.state.global_step,
-            "epochs": self.state.epoch,
-            "train_seconds": round(self.state.train_seconds, 3),
-            "batch_size": self.batch_size,
-            "effective_batch_size": self.effective_batch_size,
-        }
+        results = test_record(
+            self.state, metrics, weights, self.monitor, self.batch_size, self.effective_batch_size
+        )
         if self.cost.tracked:
             self.cost.tick(self.state)  # the evaluation above was billed too
-            results.update(
-                billed_seconds=round(self.state.billed_seconds, 3),
-                hourly_rate_usd=self.cost.hourly_rate_usd,
-                cost_usd=round(self.state.cost_usd, 4),
-            )
+            results.update(self.cost.record(self.state))
         if self.dist.is_main:
             write_json(self.layout.test_results, results)
             if self.mirror is not None:

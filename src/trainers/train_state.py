@@ -122,3 +122,29 @@ class FitResult:
         if self.status == Outcome.BUDGET_REACHED:
             return EXIT_BUDGET_REACHED
         return EXIT_INTERRUPTED if self.status == Outcome.INTERRUPTED else 0
+
+
+def test_record(
+    state: TrainState,
+    metrics: dict[str, float],
+    weights: str,
+    monitor: str,
+    batch_size: int,
+    effective_batch_size: int,
+) -> dict[str, Any]:
+    """test_results.json: the test metrics (``test_<name>``), which weights, the best
+    evaluation (``best_val_loss`` by default), how far the run went and its batch."""
+    best_key = f"best_{monitor.replace('/', '_')}"
+    return {
+        **{f"test_{name}": value for name, value in metrics.items()},
+        "weights": weights,
+        "monitor": monitor,
+        best_key: state.best_value,
+        "best_epoch": state.best_epoch,
+        "best_step": state.best_step,
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "train_seconds": round(state.train_seconds, 3),
+        "batch_size": batch_size,
+        "effective_batch_size": effective_batch_size,
+    }

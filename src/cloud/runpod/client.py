@@ -29,8 +29,9 @@ from typing import Any
 
 import httpx
 
+from src.cloud.api_client import BearerApiClient
 from src.cloud.provider import CloudError
-from src.cloud.retry import GaveUp, MaybeSent, RetryPolicy, send_with_retries
+from src.cloud.retry import GaveUp, MaybeSent, RetryPolicy
 from src.common.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://rest.runpod.io/v1"
@@ -96,7 +97,7 @@ def _detail(body: Any) -> str:
     return ""
 
 
-class RunPodClient:
+class RunPodClient(BearerApiClient):
     """Calls the API; every method returns parsed JSON or raises a one-line ``RunPodError``."""
 
     def __init__(
@@ -115,29 +116,9 @@ class RunPodClient:
                 f"{KEY_ENV} contains characters that can't be sent in an HTTP header: "
                 "check for stray spaces, newlines or non-ASCII characters"
             )
-        self._key = api_key
         self.base_url = resolve_url(base_url, URL_ENV, DEFAULT_BASE_URL)
         self.graphql_url = resolve_url(graphql_url, GRAPHQL_URL_ENV, DEFAULT_GRAPHQL_URL)
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._sleep = sleep
-        self._http = httpx.Client(
-            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-            timeout=timeout,
-            follow_redirects=False,
-        )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> RunPodClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        super().__init__(api_key, timeout=timeout, retry=retry, sleep=sleep)
 
     def request(
         self,
@@ -153,13 +134,13 @@ class RunPodClient:
         target = url or f"{self.base_url}{path}"
         what = f"{method} {path}"
         try:
-            response = send_with_retries(
-                lambda: self._http.request(method, target, params=params, json=json_body),
-                self.retry,
+            response = self._send(
+                method,
+                target,
                 where=target,
-                timeout=self.timeout,
+                params=params,
+                json_body=json_body,
                 idempotent=idempotent,
-                sleep=self._sleep,
             )
         except MaybeSent as error:
             raise RunPodMaybeDone(self._scrub(f"RunPod API {what}: {error.problem}")) from None

@@ -23,8 +23,9 @@ from typing import Any
 
 import httpx
 
+from src.cloud.api_client import BearerApiClient
 from src.cloud.provider import CloudError
-from src.cloud.retry import GaveUp, MaybeSent, RetryPolicy, send_with_retries
+from src.cloud.retry import GaveUp, MaybeSent, RetryPolicy
 from src.common.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://console.vast.ai"
@@ -114,7 +115,7 @@ def _encode_params(params: Mapping[str, Any] | None) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in (params or {}).items()}
 
 
-class VastClient:
+class VastClient(BearerApiClient):
     """Calls the API; every method returns parsed JSON or raises a one-line ``VastError``."""
 
     def __init__(
@@ -128,29 +129,8 @@ class VastClient:
         if not api_key:
             raise VastError(NO_KEY_HINT)
         check_api_key(api_key)
-        self._key = api_key
         self.base_url = resolve_base_url(base_url)
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self._sleep = sleep
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-            timeout=timeout,
-            follow_redirects=False,
-        )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> VastClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        super().__init__(api_key, timeout=timeout, retry=retry, sleep=sleep, base_url=self.base_url)
 
     def request(
         self,
@@ -167,15 +147,13 @@ class VastClient:
         """
         what = f"{method} {path}"
         try:
-            response = send_with_retries(
-                lambda: self._http.request(
-                    method, path, params=_encode_params(params), json=json_body
-                ),
-                self.retry,
+            response = self._send(
+                method,
+                path,
                 where=self.base_url,
-                timeout=self.timeout,
+                params=_encode_params(params),
+                json_body=json_body,
                 idempotent=idempotent,
-                sleep=self._sleep,
             )
         except MaybeSent as error:
             raise VastError(

@@ -124,6 +124,9 @@ class CheckpointMirror:
         self._transfer = make_transfer(self.client)
         self._cond = threading.Condition()
         self._remote: dict[int, CheckpointRecord] = {}  # verified in S3, in the manifest
+        # The manifest as read before start(): the opening, the download and start() share
+        # one read; from start() on the worker owns the manifest and this is dropped.
+        self._manifest_before_start: list[CheckpointRecord] | None = None
         self._uploaded: dict[int, str] = {}  # step -> sha256 verified in S3 by this process
         self._pending: dict[int, CheckpointRecord] = {}  # committed locally, not yet in S3
         self._files_dirty = False
@@ -156,8 +159,17 @@ class CheckpointMirror:
         probe_writable(self.client, self.bucket, self.prefix, setting)
 
     def remote_checkpoints(self) -> list[CheckpointRecord]:
-        """The manifest's complete checkpoints, newest first (read from S3 now), located
-        as they would be once downloaded into ``local_dir``."""
+        """The manifest's complete checkpoints, newest first, located as they would be once
+        downloaded into ``local_dir``. Read from S3 once before :meth:`start` (start-up asks
+        several times: the opening, the download, the start), every time after it."""
+        if self._thread is None and self._manifest_before_start is not None:
+            return list(self._manifest_before_start)
+        records = self._read_manifest()
+        if self._thread is None:
+            self._manifest_before_start = records
+        return list(records)
+
+    def _read_manifest(self) -> list[CheckpointRecord]:
         body = get_bytes(self.client, self.bucket, self._key(MANIFEST_NAME))
         if body is None:
             return []
@@ -186,6 +198,7 @@ class CheckpointMirror:
             raise S3SettingError(
                 f"cannot start the S3 mirror at {self.url()}: {error_line(error)}"
             ) from None
+        self._manifest_before_start = None
         with self._cond:
             self._remote = remote
             for record in local_records:

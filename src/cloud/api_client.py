@@ -3,14 +3,51 @@ scrubbed from every message, and requests sent through ``send_with_retries``."""
 
 from __future__ import annotations
 
+import os
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
+from dotenv import dotenv_values
 from typing_extensions import Self
 
 from src.cloud.retry import RetryPolicy, send_with_retries
+from src.common.paths import tools_dotenv_path
+
+# What an HTTP header can carry: printable ASCII, no spaces (a pasted key with a newline or a
+# non-ASCII character would otherwise fail deep inside httpx, or echo the key).
+HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e]+")
+
+
+def key_from_settings(
+    env_names: Sequence[str],
+    dotenv_name: str,
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: Path | None = None,
+) -> str | None:
+    """An API key from the environment (the first of ``env_names`` set), then ``.env``."""
+    environ = os.environ if environ is None else environ
+    for name in env_names:
+        value = (environ.get(name) or "").strip()
+        if value:
+            return value
+    dotenv_file = dotenv_path if dotenv_path is not None else tools_dotenv_path(environ)
+    if dotenv_file.is_file():
+        value = (dotenv_values(dotenv_file).get(dotenv_name) or "").strip()
+        if value:
+            return value
+    return None
+
+
+def resolve_url(
+    explicit: str | None, env_name: str, default: str, environ: Mapping[str, str] | None = None
+) -> str:
+    """An explicit URL (``--url``) wins, then ``env_name`` (tests point it at 127.0.0.1)."""
+    environ = os.environ if environ is None else environ
+    return (explicit or environ.get(env_name) or default).rstrip("/")
 
 
 class BearerApiClient:

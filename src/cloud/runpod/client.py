@@ -20,8 +20,6 @@ only in the request header: it is scrubbed from every error and never put in a U
 
 from __future__ import annotations
 
-import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,10 +27,14 @@ from typing import Any
 
 import httpx
 
-from src.cloud.api_client import BearerApiClient
+from src.cloud.api_client import (
+    HEADER_SAFE_KEY,
+    BearerApiClient,
+    key_from_settings,
+    resolve_url,
+)
 from src.cloud.provider import CloudError
 from src.cloud.retry import GaveUp, MaybeSent, RetryPolicy
-from src.common.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://rest.runpod.io/v1"
 DEFAULT_GRAPHQL_URL = "https://api.runpod.io/graphql"
@@ -44,7 +46,6 @@ GPU_TYPES_QUERY = (
     "query GpuTypes { gpuTypes { id displayName memoryInGb secureCloud communityCloud "
     "securePrice communityPrice secureSpotPrice communitySpotPrice } }"
 )
-_KEY_OK = re.compile(r"[\x21-\x7e]+")
 
 
 class RunPodError(CloudError):
@@ -67,25 +68,7 @@ def find_api_key(
     environ: Mapping[str, str] | None = None, dotenv_path: Path | None = None
 ) -> str | None:
     """The key from the environment (a pod has its own injected), then ``.env``."""
-    environ = os.environ if environ is None else environ
-    value = (environ.get(KEY_ENV) or "").strip()
-    if value:
-        return value
-    from dotenv import dotenv_values
-
-    dotenv_file = dotenv_path if dotenv_path is not None else tools_dotenv_path(environ)
-    if dotenv_file.is_file():
-        value = (dotenv_values(dotenv_file).get(KEY_ENV) or "").strip()
-        if value:
-            return value
-    return None
-
-
-def resolve_url(
-    explicit: str | None, env_name: str, default: str, environ: Mapping[str, str] | None = None
-) -> str:
-    environ = os.environ if environ is None else environ
-    return (explicit or environ.get(env_name) or default).rstrip("/")
+    return key_from_settings((KEY_ENV,), KEY_ENV, environ, dotenv_path)
 
 
 def _detail(body: Any) -> str:
@@ -111,7 +94,7 @@ class RunPodClient(BearerApiClient):
     ) -> None:
         if not api_key:
             raise RunPodAuthError(NO_KEY_HINT)
-        if not _KEY_OK.fullmatch(api_key):
+        if not HEADER_SAFE_KEY.fullmatch(api_key):
             raise RunPodAuthError(
                 f"{KEY_ENV} contains characters that can't be sent in an HTTP header: "
                 "check for stray spaces, newlines or non-ASCII characters"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -23,10 +22,14 @@ from typing import Any
 
 import httpx
 
-from src.cloud.api_client import BearerApiClient
+from src.cloud.api_client import (
+    HEADER_SAFE_KEY,
+    BearerApiClient,
+    key_from_settings,
+    resolve_url,
+)
 from src.cloud.provider import CloudError
 from src.cloud.retry import GaveUp, MaybeSent, RetryPolicy
-from src.common.paths import tools_dotenv_path
 
 DEFAULT_BASE_URL = "https://console.vast.ai"
 KEY_ENV = "VASTAI_API_KEY"
@@ -59,7 +62,6 @@ class VastKeyError(VastError):
 
 # What an HTTP header value may hold, minus spaces: a key with a space, newline or non-ASCII
 # character is a copy-paste accident, and httpx would raise UnicodeEncodeError on it.
-_KEY_OK = re.compile(r"[\x21-\x7e]+")
 BAD_KEY_MESSAGE = (
     f"{KEY_ENV} contains characters that can't be sent in an HTTP header: "
     "check for stray characters (spaces, newlines, non-ASCII)"
@@ -68,7 +70,7 @@ BAD_KEY_MESSAGE = (
 
 def check_api_key(api_key: str) -> None:
     """VastKeyError (never showing the key) unless it can travel in a header."""
-    if not _KEY_OK.fullmatch(api_key):
+    if not HEADER_SAFE_KEY.fullmatch(api_key):
         raise VastKeyError(BAD_KEY_MESSAGE)
 
 
@@ -79,17 +81,9 @@ def find_api_key(
 ) -> str | None:
     """The key from the environment, then ``.env``, then the vastai CLI's key files."""
     environ = os.environ if environ is None else environ
-    for name in (KEY_ENV, ALT_KEY_ENV):
-        value = (environ.get(name) or "").strip()
-        if value:
-            return value
-    from dotenv import dotenv_values
-
-    dotenv_file = dotenv_path if dotenv_path is not None else tools_dotenv_path(environ)
-    if dotenv_file.is_file():
-        value = (dotenv_values(dotenv_file).get(KEY_ENV) or "").strip()
-        if value:
-            return value
+    value = key_from_settings((KEY_ENV, ALT_KEY_ENV), KEY_ENV, environ, dotenv_path)
+    if value:
+        return value
     home_dir = home if home is not None else Path.home()
     candidates = [home_dir / name.removeprefix("~/") for name in CLI_KEY_FILES]
     if environ.get("XDG_CONFIG_HOME"):  # the CLI writes there when it is set
@@ -106,8 +100,7 @@ def find_api_key(
 
 def resolve_base_url(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> str:
     """``--url`` wins, then ``VAST_URL``, then console.vast.ai (tests point it at 127.0.0.1)."""
-    environ = os.environ if environ is None else environ
-    return (explicit or environ.get(URL_ENV) or DEFAULT_BASE_URL).rstrip("/")
+    return resolve_url(explicit, URL_ENV, DEFAULT_BASE_URL, environ)
 
 
 def _encode_params(params: Mapping[str, Any] | None) -> dict[str, str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from src.common.errors import DiskFullError, is_disk_full
@@ -56,3 +58,42 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(path.parent)
+
+
+def atomic_write_dir(path: Path, fill: Callable[[Path], None]) -> None:
+    """Make ``path`` a directory holding what ``fill(temp_dir)`` writes, all of it durable,
+    replacing the old one (a PEFT ``save_pretrained`` folder, say).
+
+    The new folder is written and fsynced under a hidden temp name, the old one renamed aside,
+    the new one renamed into place, the old one deleted. A kill between the two renames
+    leaves only the old folder aside: the next write puts it back first.
+    """
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)  # an earlier write was killed between its renames
+    shutil.rmtree(old, ignore_errors=True)
+    tmp = temp_path_for(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing_file():
+        try:
+            tmp.mkdir(parents=True)
+            fill(tmp)
+            for file in sorted(tmp.rglob("*")):
+                if file.is_file():
+                    with open(file, "rb") as handle:
+                        os.fsync(handle.fileno())
+            for folder in sorted({file.parent for file in tmp.rglob("*")} | {tmp}):
+                fsync_dir(folder)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)  # first: the free room reported is real
+            if is_disk_full(error):
+                raise DiskFullError(path, None) from error
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

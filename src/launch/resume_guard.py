@@ -1,8 +1,10 @@
-"""Refuse to resume a run with other settings than its checkpoints were made with.
+"""Refuse to resume a run with other settings, or on another frozen base, than its
+checkpoints were made with.
 
 A mistyped override (another learning rate, another model width) would otherwise load the
-old weights and silently train something else; this turns it into a one-line error before
-anything is written.
+old weights and silently train something else; a LoRA checkpoint loaded onto another base
+(another model, revision, quantization, or changed weights) would train an adapter for a
+model it was never made for. Both become a one-line error before anything is written.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from src.checkpoints.frozen_base import describe_difference
+from src.checkpoints.trainable_format import FROZEN_BASE_KEY
 from src.common.errors import ConfigError
 from src.config import resume_settings
 from src.runs.files import run_dir_for
@@ -35,6 +39,30 @@ def require_same_settings(
         raise ConfigError(
             f"run '{cfg.run_name}' in {where or run_dir_for(cfg)} was checkpointed with "
             f"{diffs}{more}: resume with the same settings, or start fresh with a new run_name"
+        )
+
+
+def require_same_base(
+    cfg: DictConfig,
+    saved_metadata: Mapping[str, Any],
+    frozen_base: Mapping[str, Any] | None,
+    where: str | None = None,
+) -> None:
+    """Raise ConfigError when a checkpoint's sidecar ``saved_metadata`` names another frozen
+    base than ``frozen_base`` (the model built now; None: nothing of it is frozen)."""
+    saved = saved_metadata.get(FROZEN_BASE_KEY)
+    if saved is None:
+        return  # a full checkpoint: it holds every weight, so any model of that shape loads it
+    where = where or str(run_dir_for(cfg))
+    if frozen_base is None:
+        difference = "nothing of the model built now is frozen"
+    else:
+        difference = describe_difference(saved, frozen_base)
+    if difference:
+        raise ConfigError(
+            f"run '{cfg.run_name}' in {where} was checkpointed on another frozen base: "
+            f"{difference}; its checkpoints hold only the trained parameters, so load the "
+            "same base, or start fresh with a new run_name"
         )
 
 

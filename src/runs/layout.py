@@ -6,6 +6,8 @@
     checkpoints/         step_<N>.pt + step_<N>.json sidecars (the checkpoint format's)
     best_model.pt        weights of the best evaluation so far
     final_model.pt       weights when training ended (the run is finished)
+    best_adapter/        a PEFT model's best and final adapters, in place of the two above
+    final_adapter/       (save_pretrained: adapter_config.json, adapter_model.safetensors)
     training_log.json    per-epoch history
     test_results.json    test metrics, cost, effective batch
     tensorboard/         event files
@@ -23,6 +25,8 @@ LOCK = ".run.lock"
 CHECKPOINTS = "checkpoints"
 BEST_MODEL = "best_model.pt"
 FINAL_MODEL = "final_model.pt"
+BEST_ADAPTER = "best_adapter"
+FINAL_ADAPTER = "final_adapter"
 TRAINING_LOG = "training_log.json"
 TEST_RESULTS = "test_results.json"
 TENSORBOARD = "tensorboard"
@@ -55,6 +59,14 @@ class RunLayout:
     @property
     def final_model(self) -> Path:
         return self.root / FINAL_MODEL
+
+    @property
+    def best_adapter(self) -> Path:
+        return self.root / BEST_ADAPTER
+
+    @property
+    def final_adapter(self) -> Path:
+        return self.root / FINAL_ADAPTER
 
     @property
     def training_log(self) -> Path:

@@ -161,3 +161,57 @@ class GpuSampler:
             self.unavailable_reason = str(error)
         finally:
             ready.set()
+
+
+class GpuSamplerGroup:
+    """The GPUs one process drives (a model spread over them by ``device_map``), read like one.
+
+    ``metrics()``: the mean utilisation and the total memory as the usual ``gpu/*`` scalars,
+    and each GPU's as ``gpu<index>/*``; ``summary()`` lists each GPU; the low-utilisation
+    warning comes from any of them.
+    """
+
+    def __init__(self, samplers: list[GpuSampler]) -> None:
+        self.samplers = samplers
+
+    def start(self) -> bool:
+        started = [sampler.start() for sampler in self.samplers]
+        return all(started)
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        reasons = [s.unavailable_reason for s in self.samplers if s.unavailable_reason]
+        return reasons[0] if reasons else None
+
+    def stop(self) -> None:
+        for sampler in self.samplers:
+            sampler.stop()
+
+    def set_training(self, training: bool) -> None:
+        for sampler in self.samplers:
+            sampler.set_training(training)
+
+    def metrics(self) -> dict[str, float]:
+        result: dict[str, float] = {}
+        utils: list[float] = []
+        memory = 0.0
+        for sampler in self.samplers:
+            own = sampler.metrics()
+            for key, value in own.items():
+                result[key.replace("gpu/", f"gpu{sampler.index}/", 1)] = value
+            if "gpu/utilization_percent" in own:
+                utils.append(own["gpu/utilization_percent"])
+            memory += own.get("gpu/memory_used_gb", 0.0)
+        if utils:
+            result["gpu/utilization_percent"] = sum(utils) / len(utils)
+        if result:
+            result["gpu/memory_used_gb"] = memory
+        return result
+
+    def summary(self) -> str:
+        parts = [f"{s.index}: {s.summary()}" for s in self.samplers if s.summary()]
+        return " | ".join(parts)
+
+    def take_warning(self) -> str | None:
+        warnings = [w for w in (s.take_warning() for s in self.samplers) if w]
+        return warnings[0] if warnings else None

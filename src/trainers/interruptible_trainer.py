@@ -22,6 +22,11 @@ the epoch), on this machine or, through ``checkpoint.s3_bucket``, on a fresh one
 after the last step lets the file being written finish, then exits 75 (0 once
 test_results.json is written), never by the signal.
 
+Fine-tuning (LoRA, QLoRA): a model with frozen parameters checkpoints only what trains, and
+a resume onto another frozen base is refused (src/checkpoints/trainable_format.py); a PEFT
+model's best and final weights are ``best_adapter/`` and ``final_adapter/`` (adapters.py); a
+model its loader placed (``device_map``, 4-bit) stays where it is (placement.py).
+
 Failures as one line (scripts, through ``src.launch``): a full disk exits 74 naming the file
 and the room it needed (with S3, local checkpoints verified there are deleted first to make
 room); GPU out of memory exits 1 naming the batch size and the fixes (out_of_memory.py).
@@ -40,6 +45,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from src.checkpoints.trainable_format import TrainableOnlyFormat, format_for_model
 from src.common.rng import capture_rng_state, restore_rng_state, seed_everything
 from src.common.signals import (
     EXIT_BUDGET_REACHED,
@@ -53,10 +59,11 @@ from src.config import AUTO_BATCH_SIZE, resume_settings
 from src.data.batches import batch_size_of, move_to_device
 from src.data.loaders import EVAL_EPOCH, make_loader
 from src.data.resumable_sampler import ResumableSampler
-from src.launch.opening import open_run
+from src.launch.opening import ModelBase, open_run
 from src.runs.files import prepare_run_dir, write_json
 from src.runs.lock import acquire_run_lock
 from src.telemetry.metric_logger import new_wandb_run_id
+from src.trainers.adapters import is_peft_model, load_adapter_weights, save_adapter
 from src.trainers.batch_size import measure_batch_size
 from src.trainers.cost_meter import CostMeter, bill_origin
 from src.trainers.device import NO_CONTEXT, autocast, effective_precision, select_device
@@ -71,6 +78,7 @@ from src.trainers.early_stopping import EarlyStopping
 from src.trainers.final_upload import finish_uploads
 from src.trainers.lr_schedule import lr_factor, warmup_cosine_schedule
 from src.trainers.out_of_memory import ExplainOutOfMemory
+from src.trainers.placement import enable_gradient_checkpointing, place_model
 from src.trainers.progress import Progress, extending_line, finished_line, say
 from src.trainers.snapshot import TrainingParts, restore_snapshot, should_load_scaler, take_snapshot
 from src.trainers.steps import (
@@ -93,7 +101,7 @@ from src.trainers.train_state import (
     test_record,
 )
 from src.utils.checkpoint_manager import CheckpointManager
-from src.utils.gpu_monitor import GpuSampler
+from src.utils.gpu_monitor import GpuSampler, GpuSamplerGroup
 
 __all__ = [
     "EXIT_BUDGET_REACHED",
@@ -142,8 +150,16 @@ class InterruptibleTrainer:
         # S3 settings work. The lock is only probed here and held while fit() runs, so a
         # notebook that builds a new trainer (re-running a cell) never blocks itself.
         is_main = self.dist.is_main
+        # A partly frozen model (LoRA) checkpoints only what trains, and names its frozen base,
+        # which a resume must match (checked by the opening, before anything is written).
+        checkpoint_format = format_for_model(model)
+        trainable_only = isinstance(checkpoint_format, TrainableOnlyFormat)
         self.opening = open_run(
-            cfg, self.dist.world_size, lock="probe" if is_main else "none", mirror=is_main
+            cfg,
+            self.dist.world_size,
+            lock="probe" if is_main else "none",
+            mirror=is_main,
+            model_base=ModelBase(checkpoint_format.frozen_base if trainable_only else None),
         )
         self.layout, self.mirror = self.opening.layout, self.opening.mirror
         self.run_dir = self.layout.root
@@ -153,7 +169,14 @@ class InterruptibleTrainer:
             step_fn = functools.partial(default_train_step, loss_fn=loss_fn)
             eval_fn = eval_fn or functools.partial(default_eval_step, loss_fn=loss_fn)
         self.step_fn, self.eval_fn = step_fn, eval_fn or step_fn
-        self.model = model.to(self.device)
+        # Moved to the device, unless its loader placed it (device_map, 4-bit): then batches
+        # go where its input embeddings are.
+        self.placement = place_model(model, self.device, self.dist.world_size)
+        self.device = self.placement.input_device
+        self.model = model
+        self.is_adapter = is_peft_model(model)  # best/final weights: adapter folders
+        if cfg.trainer.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self._parameter_count = sum(p.numel() for p in self.model.parameters())
         # What the step function sees while training; checkpoints save self.model.
         self.train_model = wrap_for_training(self.model, self.dist, self.device)
@@ -184,7 +207,9 @@ class InterruptibleTrainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.precision == "fp16" and self.device.type == "cuda"
         )
-        self.parts = TrainingParts(self.model, self.optimizer, self.scheduler, self.scaler)
+        self.parts = TrainingParts(
+            self.model, self.optimizer, self.scheduler, self.scaler, trainable_only
+        )
         self.state = TrainState()
         self.epoch_loss = EpochLoss(self.device)  # the epoch's mean train loss, per rank
         self.early_stopping = EarlyStopping.from_config(cfg.trainer)
@@ -198,7 +223,7 @@ class InterruptibleTrainer:
         self._stop_signal_names = [name for name in stop_names if name]
         self.stop_request = StopRequest(parse_signals(self._stop_signal_names))
         self.cost = CostMeter.for_run(cfg.cost, is_main, billing_from)  # rate None: not tracked
-        self.gpu_sampler: GpuSampler | None = None
+        self.gpu_sampler: GpuSampler | GpuSamplerGroup | None = None
         # Last, so a bad trainer.monitor leaves the run directory untouched.
         self._check_monitor()
         prepare_run_dir(cfg, is_main=is_main)
@@ -208,6 +233,7 @@ class InterruptibleTrainer:
             every_n_steps=cfg.checkpoint.every_n_steps,  # the manager owns when to save
             async_save=cfg.checkpoint.async_save,
             is_writer=is_main,
+            checkpoint_format=checkpoint_format,
             mirror=self.mirror,
         )
 
@@ -236,7 +262,7 @@ class InterruptibleTrainer:
                     self.state,
                     total_steps=self.total_steps,
                     resumed_step=resumed_step,
-                    device=self.device,
+                    devices=self.placement.devices,
                     is_main=self.dist.is_main,
                 )
                 self.gpu_sampler = progress.gpu_sampler
@@ -248,7 +274,7 @@ class InterruptibleTrainer:
                 if not outcome.stopped:
                     # Still under the stop handler: a signal now only sets the flag.
                     outcome = self._finish_training(outcome)
-            barrier(self.dist)  # other ranks read best_model.pt only once rank 0 has written it
+            barrier(self.dist)  # other ranks read the best weights only once rank 0 wrote them
         finally:
             grace = self.cfg.checkpoint.s3_stop_grace_s
             finish_uploads(self.mirror, self.checkpoints, outcome, grace, self.run_dir, self._print)
@@ -270,7 +296,11 @@ class InterruptibleTrainer:
         step (the script exits 75, the same command goes on to the test set), else
         ``outcome``, and stop signals from now on wait for the write in progress."""
         if self.dist.is_main:
-            self.checkpoints.save_weights(self.model.state_dict(), self.layout.final_model)
+            if self.is_adapter:
+                final = self.layout.final_adapter
+                self.checkpoints.save_output(lambda: save_adapter(self.model, final))
+            else:
+                self.checkpoints.save_weights(self.model.state_dict(), self.layout.final_model)
             write_json(self.layout.training_log, self.state.history)
         if max_over_ranks(int(self.stop_request.requested), self.dist, self.device):
             name = self.stop_request.signal_name or "a stop signal"
@@ -431,10 +461,13 @@ class InterruptibleTrainer:
     def test(self, test_set: Dataset, use_best: bool = True) -> dict[str, Any]:
         """Evaluate on the test set (with the best weights) and write test_results.json."""
         weights = "final"
-        best_path = self.layout.best_model
-        if use_best and best_path.is_file():
+        best_path = self.layout.best_adapter if self.is_adapter else self.layout.best_model
+        if use_best and best_path.exists():
             final_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-            self.model.load_state_dict(torch.load(best_path, map_location="cpu"))
+            if self.is_adapter:
+                load_adapter_weights(self.model, best_path)
+            else:
+                self.model.load_state_dict(torch.load(best_path, map_location="cpu"))
             weights = "best"
         with self._explain_out_of_memory("the test evaluation"):
             metrics = self.evaluate(test_set)
@@ -479,6 +512,12 @@ class InterruptibleTrainer:
     def _save_checkpoint(self, is_best: bool = False, blocking: bool = False) -> None:
         self.cost.tick(self.state)
         snapshot = take_snapshot(self.parts, self.state, self.epoch_loss, self.dist)
+        # The best weights are durable before the checkpoint that names them commits. A plain
+        # model's come from the snapshot (no second copy); a partly frozen one's snapshot lacks
+        # the frozen part, so they are written from the model now.
+        best_from_snapshot = is_best and not (self.is_adapter or self.parts.trainable_only)
+        if is_best and not best_from_snapshot and self.dist.is_main:
+            self._save_best_now()
         self.checkpoints.save(
             snapshot,
             self.state.global_step,
@@ -491,8 +530,15 @@ class InterruptibleTrainer:
                 "effective_batch_size": self.effective_batch_size,
                 "resume_settings": self._resume_settings,  # checked before a re-run resumes
             },
-            best_model_path=self.layout.best_model if is_best else None,
+            best_model_path=self.layout.best_model if best_from_snapshot else None,
         )
+
+    def _save_best_now(self) -> None:
+        if self.is_adapter:
+            best = self.layout.best_adapter
+            self.checkpoints.save_output(lambda: save_adapter(self.model, best))
+        else:
+            self.checkpoints.save_weights(self.model.state_dict(), self.layout.best_model)
 
     def _resume(self) -> int:
         # Always onto the CPU first: RNG states must stay CPU tensors, and each part then

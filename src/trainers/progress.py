@@ -5,7 +5,7 @@ history record (training_log.json) and the line the epoch ends with."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from src.telemetry.metric_logger import MetricLogger
 from src.trainers.train_state import TrainState
-from src.utils.gpu_monitor import GpuSampler, cuda_index
+from src.utils.gpu_monitor import GpuSampler, GpuSamplerGroup, cuda_index
 
 
 def say(message: str) -> None:
@@ -45,17 +45,25 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
     )
 
 
-def start_gpu_sampler(device: torch.device, logging_cfg: DictConfig) -> GpuSampler | None:
-    """Sample the GPU ``device`` is (call on rank 0 only: it alone logs); None on a CPU, with
-    ``logging.gpu_stats`` off, or when NVML is missing (said in one line)."""
-    index = cuda_index(str(device))
-    if index is None or not logging_cfg.gpu_stats:
+def start_gpu_sampler(
+    devices: Sequence[torch.device], logging_cfg: DictConfig
+) -> GpuSampler | GpuSamplerGroup | None:
+    """Sample the GPUs among ``devices`` (the model's: several when device_map spread it; call
+    on rank 0 only: it alone logs); None on a CPU, with ``logging.gpu_stats`` off, or when
+    NVML is missing (said in one line)."""
+    indexes = [cuda_index(str(device)) for device in devices]
+    indexes = sorted({index for index in indexes if index is not None})
+    if not indexes or not logging_cfg.gpu_stats:
         return None
-    sampler = GpuSampler(
-        index,
-        low_util_percent=logging_cfg.low_gpu_util_percent,
-        low_util_s=logging_cfg.low_gpu_util_minutes * 60,
-    )
+    samplers = [
+        GpuSampler(
+            index,
+            low_util_percent=logging_cfg.low_gpu_util_percent,
+            low_util_s=logging_cfg.low_gpu_util_minutes * 60,
+        )
+        for index in indexes
+    ]
+    sampler = samplers[0] if len(samplers) == 1 else GpuSamplerGroup(samplers)
     if not sampler.start():
         say(f"GPU stats off: {sampler.unavailable_reason}")
         return None
@@ -74,13 +82,13 @@ class Progress:
         *,
         total_steps: int,
         resumed_step: int,
-        device: torch.device,
+        devices: Sequence[torch.device],
         is_main: bool,
     ) -> None:
         self.logger = MetricLogger(
             cfg, run_dir, resumed_step, is_main, wandb_run_id=state.wandb_run_id
         )
-        self.gpu_sampler = start_gpu_sampler(device, cfg.logging) if is_main else None
+        self.gpu_sampler = start_gpu_sampler(devices, cfg.logging) if is_main else None
         show_bar = is_main and cfg.trainer.progress_bar
         self.bar = progress_bar(total_steps, state.global_step, cfg.run_name, enabled=show_bar)
         self.is_main, self.total_steps, self.max_epochs = (

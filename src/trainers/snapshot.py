@@ -3,6 +3,9 @@
 Everything exact resume needs: model, optimizer, LR scheduler, grad scaler, every rank's RNG
 states and share of the epoch's train loss, and the ``TrainState`` counters. Only plain
 tensors and Python values, so it loads with ``torch.load(weights_only=True)``.
+
+A partly frozen model (LoRA) saves only what trains (``model_scope: "trainable"``, see
+src/checkpoints/trainable.py): the frozen base comes from where the model was loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from src.checkpoints.trainable import (
+    FULL_SCOPE,
+    TRAINABLE_SCOPE,
+    load_trainable_state,
+    trainable_state_dict,
+)
 from src.common.rng import capture_rng_state, restore_rng_state
 from src.trainers.distributed import DistInfo, gather_objects
 from src.trainers.train_state import EpochLoss, TrainState
@@ -21,12 +30,16 @@ from src.trainers.train_state import EpochLoss, TrainState
 
 @dataclass(frozen=True)
 class TrainingParts:
-    """The objects whose state a checkpoint holds (the model unwrapped: no DDP or compile)."""
+    """The objects whose state a checkpoint holds (the model unwrapped: no DDP or compile).
+
+    ``trainable_only``: save the model's trainable parameters and buffers, not its frozen ones.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    trainable_only: bool = False
 
 
 def take_snapshot(
@@ -38,8 +51,13 @@ def take_snapshot(
     per_rank = gather_objects(
         (capture_rng_state(), epoch_loss.sum.item(), epoch_loss.samples), dist
     )
+    if parts.trainable_only:
+        model_state, scope = trainable_state_dict(parts.model), TRAINABLE_SCOPE
+    else:
+        model_state, scope = parts.model.state_dict(), FULL_SCOPE
     return {
-        "model": parts.model.state_dict(),
+        "model": model_state,
+        "model_scope": scope,
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
         "scaler": parts.scaler.state_dict(),
@@ -56,7 +74,10 @@ def restore_snapshot(
     """Load a checkpoint (loaded onto the CPU) into the training objects; returns the counters
     and this rank's epoch loss. A run saved on a GPU resumes on the CPU and the other way
     round: each part goes where its object lives now."""
-    parts.model.load_state_dict(checkpoint["model"])
+    if checkpoint.get("model_scope") == TRAINABLE_SCOPE:
+        load_trainable_state(parts.model, checkpoint["model"])
+    else:  # a full state dict loads into a partly frozen model too
+        parts.model.load_state_dict(checkpoint["model"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])  # moves state to param devices
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
     if should_load_scaler(checkpoint["scaler"], parts.scaler.is_enabled()):

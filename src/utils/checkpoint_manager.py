@@ -246,8 +246,13 @@ class CheckpointManager:
     def save_weights(self, weights: dict[str, Any], path: Path) -> None:
         """``torch.save`` of ``weights`` (final_model.pt) atomically, making room like a
         checkpoint save does when the disk is full."""
+        self.save_output(lambda: atomic_torch_save(weights, Path(path)))
+
+    def save_output(self, write: Callable[[], Any]) -> None:
+        """Run ``write`` (an atomic write of a run output: final weights, an adapter folder)
+        after the pending checkpoint write, making room like a checkpoint save does."""
         self.wait()
-        self._with_room(None, lambda: atomic_torch_save(weights, Path(path)))
+        self._with_room(None, write)
 
     # ----- a full disk --------------------------------------------------------------------
 

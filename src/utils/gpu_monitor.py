@@ -34,7 +34,7 @@ from src.telemetry.nvml import (
     visible_handles,
     visible_indices,
 )
-from src.telemetry.sampler import LOW_UTIL_HINTS, GpuSampler
+from src.telemetry.sampler import LOW_UTIL_HINTS, GpuSampler, GpuSamplerGroup
 
 __all__ = [
     "BYTES_PER_GB",
@@ -45,6 +45,7 @@ __all__ = [
     "GpuInventory",
     "GpuRequirement",
     "GpuSampler",
+    "GpuSamplerGroup",
     "GpuStats",
     "GuardrailResult",
     "NvmlUnavailable",

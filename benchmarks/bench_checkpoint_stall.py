@@ -7,8 +7,13 @@ disk. Each mode runs in its own process so peak RSS (ru_maxrss) is measured clea
 as growth over the RSS after the state was built. Saves are spaced like training
 steps would space them (the previous async write finishes before the next save).
 
-    python benchmarks/bench_checkpoint_stall.py [--state-mb 400] [--saves 5]
+    python benchmarks/bench_checkpoint_stall.py [--state-mb 400] [--saves 5] [--lora]
 Target: stall ratio <= 0.2; async extra memory <= about one copy of the state.
+
+``--lora`` adds what a LoRA model's checkpoint weighs: a Llama-style model (built from a
+config, no download) with PEFT LoRA r=16 on every linear layer, after one AdamW step, saved
+by the trainer's snapshot as the full state and as the trainable-only format. Target:
+trainable-only bytes <= 1.2 x (trainable parameters + AdamW moments) + 2 MB.
 """
 
 from __future__ import annotations
@@ -78,6 +83,62 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+def lora_checkpoint_sizes(out_dir: str) -> None:
+    """Bytes of a LoRA model's checkpoint, full state against what trains."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from src.checkpoints import TorchFileFormat, format_for_model
+    from src.trainers.distributed import DistInfo
+    from src.trainers.snapshot import TrainingParts, take_snapshot
+    from src.trainers.train_state import EpochLoss, TrainState
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=16000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(LlamaForCausalLM(config), lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    model(input_ids=torch.randint(0, 16000, (2, 32)), labels=torch.randint(0, 16000, (2, 32)))[
+        "loss"
+    ].backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    dist = DistInfo(rank=0, local_rank=0, world_size=1)
+    sizes = {}
+    trainable_format = format_for_model(model)
+    for name, trainable_only, fmt in (
+        ("full state", False, TorchFileFormat()),
+        ("trainable only", True, trainable_format),
+    ):
+        parts = TrainingParts(model, optimizer, scheduler, scaler, trainable_only)
+        snapshot = take_snapshot(parts, TrainState(), EpochLoss(torch.device("cpu")), dist)
+        record = fmt.write(Path(out_dir) / name.replace(" ", "_"), 1, snapshot)
+        sizes[name] = record.size
+    trained_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    bound = 1.2 * 3 * trained_bytes + 2 * 2**20
+    total = sum(p.numel() for p in model.parameters())
+    print(
+        f"LoRA r=16 all-linear on a {total / 1e6:.1f}M-parameter Llama: "
+        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable"
+    )
+    print(
+        f"checkpoint: full state {sizes['full state'] / 1e6:.2f} MB, trainable only "
+        f"{sizes['trainable only'] / 1e6:.2f} MB = {sizes['full state'] / sizes['trainable only']:.1f}x "
+        f"smaller; bound 1.2 x (params + moments) + 2 MB = {bound / 1e6:.2f} MB: "
+        f"{'within' if sizes['trainable only'] <= bound else 'OVER'}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-mb", type=int, default=400)
@@ -85,6 +146,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--worker", choices=["sync", "async"])
     parser.add_argument("--out")
+    parser.add_argument("--lora", action="store_true", help="also a LoRA model's checkpoint size")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.state_mb, args.saves, args.device, args.out)))
@@ -101,6 +163,9 @@ def main() -> None:
         f"async extra memory / state size {async_['extra_rss_mb'] / args.state_mb:.2f}  "
         f"(target <= ~1.0: one staging copy)"
     )
+    if args.lora:
+        with tempfile.TemporaryDirectory() as out_dir:
+            lora_checkpoint_sizes(out_dir)
 
 
 if __name__ == "__main__":

@@ -84,10 +84,10 @@ def as_metrics(output: StepOutput) -> dict[str, torch.Tensor]:
 
 
 def default_optimizer(model: nn.Module, optim_cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW with ``optim.lr`` and ``optim.weight_decay``: what runs without ``optimizer_fn``."""
-    return torch.optim.AdamW(
-        model.parameters(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay
-    )
+    """AdamW with ``optim.lr`` and ``optim.weight_decay`` over the parameters that train (a
+    LoRA model's adapters): what runs without ``optimizer_fn``."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    return torch.optim.AdamW(trainable, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
 
 
 @torch.no_grad()

@@ -18,9 +18,9 @@ from __future__ import annotations
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from src.common.errors import ConfigError
+from src.common.paths import resolve_output_dir
 from src.config import require
 
 TINY_LLAMA = "tiny-llama"
@@ -59,6 +60,9 @@ TINY_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+LlmConfigT = TypeVar("LlmConfigT", bound="LlmConfig")
 
 
 @dataclass
@@ -124,6 +128,18 @@ class LlmConfig:
     @property
     def is_tiny(self) -> bool:
         return self.name_or_path == TINY_LLAMA
+
+
+@dataclass
+class DpoLlmConfig(LlmConfig):
+    """The DPO experiment's ``model:`` section: the LLM settings plus DPO's beta."""
+
+    # How far the policy may move from the reference: larger keeps it closer (TRL's default).
+    dpo_beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.dpo_beta > 0, "dpo_beta", self.dpo_beta, "a number > 0")
 
 
 def _byte_symbols() -> list[str]:
@@ -223,15 +239,16 @@ def _bnb_4bit_config() -> Any:
 
 
 def _check_4bit_possible() -> None:
+    """A ConfigError (a ValueError: one line, exit 2 in a script) when 4-bit cannot load."""
     if not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             "model.load_in_4bit: true needs a CUDA GPU (bitsandbytes 4-bit); "
             "set model.load_in_4bit=false on this machine"
         )
     try:
         import bitsandbytes  # noqa: F401, PLC0415 (an optional dependency, only for 4-bit)
     except ImportError:
-        raise ValueError(
+        raise ConfigError(
             "model.load_in_4bit: true needs bitsandbytes: pip install bitsandbytes"
         ) from None
 
@@ -306,6 +323,17 @@ def check_adapter_dir(path: str | Path, key: str = "model.init_adapter") -> Path
             "name a directory written by save_pretrained, e.g. a run's final_adapter"
         )
     return adapter_dir
+
+
+def resolve_init_adapter(cfg: LlmConfigT, output_dir: str | Path) -> LlmConfigT:
+    """``cfg`` with a relative ``init_adapter`` made absolute under the resolved output root.
+
+    ``init_adapter: llm-sft-dev/final_adapter`` then names that run's adapter wherever the
+    runs live (``/workspace/persistent`` on the instance, ``./outputs`` on a laptop).
+    """
+    if cfg.init_adapter is None or Path(cfg.init_adapter).expanduser().is_absolute():
+        return cfg
+    return replace(cfg, init_adapter=str(resolve_output_dir(output_dir) / cfg.init_adapter))
 
 
 def build_lora_model(cfg: LlmConfig) -> PeftModel:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from src.common.paths import VOLUME_ROOT
 
-PERSISTENT_HF_HOME = VOLUME_ROOT / ".cache" / "huggingface"
+HF_CACHE_ON_VOLUME = Path(".cache") / "huggingface"  # under /workspace
 _announced: set[Path] = set()  # say the cache's place once per process
 
 
@@ -36,7 +36,7 @@ def use_persistent_hf_cache() -> Path:
         hf_home = Path(os.environ["HF_HOME"]).expanduser()
         where = "HF_HOME"
     elif VOLUME_ROOT.is_dir() and os.access(VOLUME_ROOT, os.W_OK):
-        hf_home = PERSISTENT_HF_HOME
+        hf_home = VOLUME_ROOT / HF_CACHE_ON_VOLUME
         hf_home.mkdir(parents=True, exist_ok=True)
         if "huggingface_hub" in sys.modules:  # its constants are fixed: the change is too late
             print(

@@ -24,7 +24,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -41,6 +41,7 @@ IGNORE_INDEX = -100  # the label of a token that does not train (transformers' d
 ROLES = ("system", "user", "assistant")
 
 Example = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), both 1-D long
+T = TypeVar("T")
 
 
 @dataclass
@@ -271,19 +272,31 @@ class ChatData:
     num_dropped: int  # examples with no answer token left within max_length
 
 
-def split_indices(count: int, data_cfg: Any) -> dict[str, list[int]]:
-    """Example indices per split, by a permutation seeded with ``data.seed``; each sorted."""
+def split_items(items: Sequence[T | None], data_cfg: Any, what: str) -> dict[str, list[T]]:
+    """Items per split, by a permutation of the file's lines seeded with ``data.seed``, each
+    split in file order; ``None`` (an example dropped for length) is left out."""
+    count = len(items)
     _, num_val, num_test = split_sizes(count, data_cfg.val_fraction, data_cfg.test_fraction)
     if count - num_val - num_test < 1:
         raise ConfigError(
             f"data.path: only {count} examples: too few for a train, val and test split"
         )
     order = torch.randperm(count, generator=torch.Generator().manual_seed(data_cfg.seed)).tolist()
-    return {
-        "train": sorted(order[num_val + num_test :]),
-        "val": sorted(order[:num_val]),
-        "test": sorted(order[num_val : num_val + num_test]),
+    indices = {
+        "train": order[num_val + num_test :],
+        "val": order[:num_val],
+        "test": order[num_val : num_val + num_test],
     }
+    splits = {}
+    for name, split in indices.items():
+        kept = [item for index in sorted(split) if (item := items[index]) is not None]
+        if not kept:
+            raise ConfigError(
+                f"data.path: the {name} split has no {what} within "
+                f"data.max_length={data_cfg.max_length}"
+            )
+        splits[name] = kept
+    return splits
 
 
 def build_chat_datasets(
@@ -301,17 +314,10 @@ def build_chat_datasets(
         limit = None if data_cfg.packing else data_cfg.max_length
         input_ids, labels = tokenize_conversation(tokenizer, messages, limit)
         examples.append((input_ids, labels) if trains_anything(labels) else None)
-    splits = {}
-    for name, indices in split_indices(len(records), data_cfg).items():
-        kept = [examples[i] for i in indices if examples[i] is not None]
-        if data_cfg.packing:
-            kept = pack_examples(kept, data_cfg.max_length)
-        if not kept:
-            raise ConfigError(
-                f"data.path: the {name} split has no example with an answer token within "
-                f"data.max_length={data_cfg.max_length}"
-            )
-        splits[name] = ChatDataset(kept)
+    splits = {
+        name: ChatDataset(pack_examples(kept, data_cfg.max_length) if data_cfg.packing else kept)
+        for name, kept in split_items(examples, data_cfg, "example with an answer token").items()
+    }
     num_dropped = sum(example is None for example in examples)
     return ChatData(splits["train"], splits["val"], splits["test"], len(records), num_dropped)
 
@@ -410,15 +416,10 @@ def build_preference_datasets(
         )
         keep = trains_anything(chosen[1]) and trains_anything(rejected[1])
         pairs.append((chosen, rejected) if keep else None)
-    splits = {}
-    for name, indices in split_indices(len(records), data_cfg).items():
-        kept = [pairs[i] for i in indices if pairs[i] is not None]
-        if not kept:
-            raise ConfigError(
-                f"data.path: the {name} split has no pair with response tokens within "
-                f"data.max_length={data_cfg.max_length}"
-            )
-        splits[name] = PreferenceDataset(kept)
+    splits = {
+        name: PreferenceDataset(kept)
+        for name, kept in split_items(pairs, data_cfg, "pair with response tokens").items()
+    }
     num_dropped = sum(pair is None for pair in pairs)
     return PreferenceData(splits["train"], splits["val"], splits["test"], len(records), num_dropped)
 

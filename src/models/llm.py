@@ -1,8 +1,10 @@
 """A Hugging Face causal LM with LoRA adapters (PEFT): its settings, tokenizer and builders.
 
-``LlmConfig`` is the LLM experiments' typed ``model:`` section. ``load_tokenizer``,
-``load_base_model`` and ``build_lora_model`` turn it into a tokenizer, a base model and a
-trainable ``PeftModel``; the SFT and DPO experiments and the ``hf`` exporter share them.
+``LlmConfig`` is the LLM experiments' typed ``model:`` section (``DpoLlmConfig`` adds DPO's
+beta). ``load_tokenizer``, ``load_base_model`` and ``build_lora_model`` turn it into a
+tokenizer, a base model and a trainable ``PeftModel``; the SFT and DPO experiments and the
+``hf`` exporter share them. ``resolve_init_adapter`` reads a relative ``init_adapter`` as a
+run under the output directory.
 
 ``model.name_or_path: tiny-llama`` needs no download: a 2-layer Llama-style model with
 hidden size 64 over a byte-level tokenizer (ids 0-255 are the bytes, then a few special

@@ -259,9 +259,6 @@ class ChatDataset(Dataset):
         input_ids, labels = self.examples[index]
         return {"input_ids": input_ids, "labels": labels}
 
-    def num_tokens(self) -> int:
-        return sum(len(ids) for ids, _ in self.examples)
-
 
 @dataclass
 class ChatData:

@@ -1,1 +1,2 @@
-"""Data: data sets (synthetic clusters, character text), batching, the resumable sampler."""
+"""Data: data sets (synthetic clusters, character text, chat and preference JSONL for LLM
+fine-tuning), batching, the resumable sampler."""

@@ -131,11 +131,11 @@ def lora_checkpoint_sizes(out_dir: str) -> None:
         f"LoRA r=16 all-linear on a {total / 1e6:.1f}M-parameter Llama: "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable"
     )
+    full, small = sizes["full state"], sizes["trainable only"]
     print(
-        f"checkpoint: full state {sizes['full state'] / 1e6:.2f} MB, trainable only "
-        f"{sizes['trainable only'] / 1e6:.2f} MB = {sizes['full state'] / sizes['trainable only']:.1f}x "
-        f"smaller; bound 1.2 x (params + moments) + 2 MB = {bound / 1e6:.2f} MB: "
-        f"{'within' if sizes['trainable only'] <= bound else 'OVER'}"
+        f"checkpoint: full state {full / 1e6:.2f} MB, trainable only {small / 1e6:.2f} MB = "
+        f"{full / small:.1f}x smaller; bound 1.2 x (params + moments) + 2 MB = "
+        f"{bound / 1e6:.2f} MB: {'within' if small <= bound else 'OVER'}"
     )
 
 

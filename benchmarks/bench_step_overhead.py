@@ -1,8 +1,11 @@
 """Trainer step overhead against a hand-written PyTorch loop doing the same work.
 
-Two models: the template's MLP ((inputs, targets) batches, default step) and the char LM
+Three models: the template's MLP ((inputs, targets) batches, default step), the char LM
 (dict batches, a padding collate, its own step function and optimizer groups, bf16 on
-CUDA). For each, both sides do what a careful hand-written loop would: DataLoader batches
+CUDA), and LoRA SFT (the SFT experiment's dev config: tiny-llama with PEFT adapters on every
+linear layer, masked chat batches; the plain side is a hand-written PEFT loop that saves what
+a careful PEFT user saves: the adapter's state dict and the optimizer, and save_pretrained).
+For each, both sides do what a careful hand-written loop would: DataLoader batches
 (same collate), forward, backward, grad clipping, the same optimizer, LR schedule, a tqdm
 bar, ``.item()`` of the metrics every ``log_every_n_steps``, a validation pass and a
 full-state checkpoint at each epoch end and at the last step, and the final weights, each
@@ -17,7 +20,8 @@ states (22 vs 28 ms per step for the same loop, minutes apart), and neighbours i
 one. The ratio of the two sides' medians is printed too. On CUDA it also prints steps/s and,
 for the char LM, tokens/s.
 
-    python benchmarks/bench_step_overhead.py [--steps 300] [--repeats 5] [--models template,char_lm]
+    python benchmarks/bench_step_overhead.py [--steps 300] [--repeats 5]
+        [--models template,char_lm,sft]
 Target: ratio <= 1.03.
 """
 
@@ -69,6 +73,9 @@ class Case:
     step_fn: Callable[[nn.Module, Any], dict[str, torch.Tensor]] | None  # None: default path
     optimizer_fn: Callable[[nn.Module, Any], torch.optim.Optimizer] | None
     tokens_per_step: int = 0
+    # What the plain loop checkpoints of the model, and how it saves the final weights.
+    model_state: Callable[[nn.Module], dict] = lambda model: model.state_dict()
+    save_final: Callable[[nn.Module, Path], None] | None = None
 
 
 def template_case(device: str) -> Case:
@@ -126,6 +133,44 @@ def char_lm_case(device: str) -> Case:
         lm_step,
         lambda model, cfg: make_optimizer(model, optim_cfg=cfg.optim),
         tokens_per_step=cfg.data.batch_size * cfg.model.block_size,
+    )
+
+
+def sft_case(device: str) -> Case:
+    from peft import get_peft_model_state_dict
+
+    from src.data.chat import ChatCollator, ChatDataConfig, build_chat_datasets
+    from src.models.llm import LlmConfig, build_lora_model, load_tokenizer
+    from src.models.llm_steps import make_optimizer as llm_optimizer
+    from src.models.llm_steps import sft_step
+
+    config_path = REPO_ROOT / "configs" / "llm_sft_dev.yaml"
+    schema = experiment_schema(LlmConfig, ChatDataConfig)
+
+    def make_cfg(output_dir: str, steps: int, device: str):
+        return load_config(
+            config_path,
+            [*common_overrides(output_dir, steps, device), "trainer.max_epochs=1000"],
+            schema=schema,
+        )
+
+    cfg = make_cfg("/tmp", 1, device)
+    model_cfg = LlmConfig.from_section(cfg.model)
+    tokenizer = load_tokenizer(model_cfg)
+    data = build_chat_datasets(cfg.data, tokenizer, root=REPO_ROOT)
+    if model_cfg.is_tiny and not torch.cuda.is_available():
+        torch.set_num_threads(1)  # as the experiment does for its 0.2M-parameter model
+    return Case(
+        f"LoRA SFT on {model_cfg.name_or_path}, r={model_cfg.lora_r}, batch {cfg.data.batch_size}",
+        make_cfg,
+        data.train,
+        data.val,
+        lambda cfg: build_lora_model(LlmConfig.from_section(cfg.model)),
+        ChatCollator(tokenizer.pad_token_id),
+        sft_step,
+        lambda model, cfg: llm_optimizer(model, cfg.optim),
+        model_state=get_peft_model_state_dict,
+        save_final=lambda model, path: model.save_pretrained(str(path)),
     )
 
 
@@ -189,7 +234,7 @@ def plain_loop(case: Case, cfg, device: torch.device, output_dir: Path) -> tuple
                     step_fn(model, move_to_device(batch, device))
         model.train()
         state = {
-            "model": model.state_dict(),
+            "model": case.model_state(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
@@ -220,7 +265,10 @@ def plain_loop(case: Case, cfg, device: torch.device, output_dir: Path) -> tuple
                 break
         validate_and_checkpoint()
     bar.close()
-    fsynced_save(model.state_dict(), output_dir / "plain_final.pt")
+    if case.save_final is not None:
+        case.save_final(model, output_dir / "plain_final")
+    else:
+        fsynced_save(model.state_dict(), output_dir / "plain_final.pt")
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started, steady_step(stamps)
@@ -319,14 +367,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--models", default="template,char_lm")
+    parser.add_argument("--models", default="template,char_lm,sft")
     args = parser.parse_args()
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
         else ("cpu" if args.device == "auto" else args.device)
     )
-    cases = {"template": template_case, "char_lm": char_lm_case}
+    cases = {"template": template_case, "char_lm": char_lm_case, "sft": sft_case}
     for name in args.models.split(","):
         measure(cases[name](args.device), args, device)
 

@@ -37,6 +37,9 @@ NEEDED = [
     ("tqdm", "tqdm>=4.66"),
     ("rich", "rich>=13.0"),
     ("pytest", "pytest>=8.0"),
+    ("transformers", "transformers>=4.56"),  # the LLM (LoRA) tests and the SFT benchmark
+    ("peft", "peft>=0.13"),
+    ("bitsandbytes", "bitsandbytes>=0.43"),  # QLoRA's 4-bit test
 ]
 
 
@@ -75,7 +78,7 @@ def steps(out: Path, has_wandb: bool, gpus: int) -> list[tuple[str, list[str], i
         ),
         (
             "checkpoint stall",
-            [PY, str(bench / "bench_checkpoint_stall.py"), "--device", "cuda"],
+            [PY, str(bench / "bench_checkpoint_stall.py"), "--device", "cuda", "--lora"],
             90,
         ),
         ("SIGTERM latency", [PY, str(bench / "bench_sigterm_latency.py")], 90),

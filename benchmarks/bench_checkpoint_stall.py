@@ -122,7 +122,9 @@ def lora_checkpoint_sizes(out_dir: str) -> None:
     ):
         parts = TrainingParts(model, optimizer, scheduler, scaler, trainable_only)
         snapshot = take_snapshot(parts, TrainState(), EpochLoss(torch.device("cpu")), dist)
-        record = fmt.write(Path(out_dir) / name.replace(" ", "_"), 1, snapshot)
+        directory = Path(out_dir) / name.replace(" ", "_")
+        directory.mkdir()
+        record = fmt.write(directory, 1, snapshot)
         sizes[name] = record.size
     trained_bytes = sum(p.numel() * p.element_size() for p in trainable)
     bound = 1.2 * 3 * trained_bytes + 2 * 2**20

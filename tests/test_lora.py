@@ -145,3 +145,36 @@ def test_a_changed_base_is_refused_in_one_line_and_nothing_is_touched(
     assert "another frozen base" in lines[0]
     assert "layers.1.mlp.up_proj.weight" in lines[0]
     assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path: Path) -> None:
+    """trainer.gradient_checkpointing=true (non-reentrant, through PEFT and transformers)
+    recomputes activations; the adapter it trains is the one trained without it."""
+    from src.common.rng import seed_everything
+    from src.launch import load_experiment_config
+    from src.trainers.interruptible_trainer import InterruptibleTrainer
+    from tests.support.lora_parts import CONFIG, LoraModel, PatternData, Patterns, build_model
+
+    adapters = {}
+    for switch in ("false", "true"):
+        cfg = load_experiment_config(
+            [f"paths.output_dir={tmp_path}", f"run_name=gc-{switch}", "trainer.max_steps=4"]
+            + [f"trainer.gradient_checkpointing={switch}", "model.dropout=0.0"],
+            model=LoraModel,
+            data=PatternData,
+            dev_config=CONFIG,
+            prod_config=CONFIG,
+        )
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model, cfg.data.vocab_size, seed=cfg.seed)
+        trainer = InterruptibleTrainer(
+            cfg,
+            model,
+            Patterns(cfg.data, seed=1, size=64),
+            Patterns(cfg.data, seed=2, size=16),
+            step_fn=lambda m, batch: m(**batch).loss,
+        )
+        assert model.base_model.model.is_gradient_checkpointing == (switch == "true")
+        assert trainer.fit().global_step == 4
+        adapters[switch] = (tmp_path / f"gc-{switch}" / "final_adapter").resolve()
+    assert_same_adapter(adapters["false"], adapters["true"])

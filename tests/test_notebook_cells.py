@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     """A copy of the code, so the notebook's default outputs/ lands in a temp dir."""
-    for folder in ("src", "configs", "experiments"):
+    for folder in ("src", "configs", "experiments", "data"):
         shutil.copytree(
             REPO_ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__")
         )
@@ -87,10 +87,23 @@ def check_char_lm(run_dir: Path, outputs: list[str]) -> None:
     assert (run_dir / "best_model.pt").is_file() and (run_dir / "final_model.pt").is_file()
 
 
+def check_llm_sft(run_dir: Path, outputs: list[str]) -> None:
+    results = json.loads((run_dir / "test_results.json").read_text())
+    # tiny-llama starts near uniform over its 260 ids (loss ~5.56); a few LoRA steps lower it.
+    assert 1.0 < results["test_perplexity"] < 240 and results["test_loss"] > 0
+    assert any("first sample trains on:" in text for text in outputs)
+    assert "--- What is the capital of France? ---\n" in outputs[-1]  # the last cell generates
+
+
 # file -> (run_name in its dev config, overrides that keep the test short, the checks)
 EXPERIMENTS: dict[str, tuple[str, list[str], Callable[[Path, list[str]], None]]] = {
     "template_experiment.py": ("template-dev", [], check_template),
     "char_lm_experiment.py": ("char-lm-dev", ["trainer.max_steps=20"], check_char_lm),
+    "llm_sft_experiment.py": (
+        "llm-sft-dev",
+        ["trainer.max_steps=12", "checkpoint.every_n_steps=6"],
+        check_llm_sft,
+    ),
 }
 
 
@@ -102,8 +115,14 @@ EXPERIMENTS: dict[str, tuple[str, list[str], Callable[[Path, list[str]], None]]]
         ("template_experiment.py", True),
         ("template_experiment.py", False),
         ("char_lm_experiment.py", True),
+        ("llm_sft_experiment.py", True),
     ],
-    ids=["template-vscode-__file__", "template-plain-kernel", "char_lm-vscode-__file__"],
+    ids=[
+        "template-vscode-__file__",
+        "template-plain-kernel",
+        "char_lm-vscode-__file__",
+        "llm_sft-vscode-__file__",
+    ],
 )
 def test_cells_run_in_order_in_a_kernel(repo_copy: Path, set_file: bool, experiment: str) -> None:
     run_name, extra, check = EXPERIMENTS[experiment]

@@ -1,4 +1,7 @@
-"""Model registry: ``model.name`` in the config picks a builder here."""
+"""Models: the registry (``model.name`` picks a builder here), the template's MLP and settings,
+the char GPT, and Hugging Face causal LMs with LoRA (``llm.py``; ``llm_steps.py``: SFT and DPO
+steps; ``hf_cache.py`` puts the hub cache on the volume).
+"""
 
 from __future__ import annotations
 

@@ -94,4 +94,5 @@ class RunLayout:
 
     @property
     def is_finished(self) -> bool:
-        return self.final_model.is_file()
+        """Training ended: final_model.pt, or a PEFT run's final_adapter/, is written."""
+        return self.final_model.is_file() or self.final_adapter.is_dir()

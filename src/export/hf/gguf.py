@@ -81,13 +81,15 @@ def convert(
     except OSError as error:
         raise ExportError(f"cannot run {converter}: {error}") from None
     if done.returncode != 0:
-        lines = [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        # A traceback ends on stderr; stdout only when the converter printed nothing there.
+        lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+        lines = lines or [ln.strip() for ln in done.stdout.splitlines() if ln.strip()]
         last = lines[-1] if lines else "no output"
-        raise ExportError(
-            f"{converter.name} exited with code {done.returncode}: {last} (are llama.cpp's "
-            f"requirements installed in this Python? pip install -r "
-            f"{converter.parent / 'requirements.txt'})"
-        )
+        hint = ""
+        if "ModuleNotFoundError" in last or "ImportError" in last:
+            requirements = converter.parent / "requirements.txt"
+            hint = f" (install llama.cpp's requirements: pip install -r {requirements})"
+        raise ExportError(f"{converter.name} exited with code {done.returncode}: {last}{hint}")
     if not outfile.is_file():
         raise CheckFailedError(f"{converter.name} exited 0 but wrote no {outfile.name}")
     with open(outfile, "rb") as handle:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import gc
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ import torch
 import transformers
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.utils import logging as transformers_logging
 
 from src.common.errors import ConfigError
 from src.export.errors import CheckFailedError, ExportError, describe_error
@@ -110,6 +113,20 @@ def load_adapter_model(cfg: LlmConfig, adapter_dir: Path, dtype: torch.dtype) ->
     return model.eval()
 
 
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' bars off while a local directory is written or read: the export's own
+    lines say what happens, and stderr keeps only a failure's one line (a download of the
+    base, before, still shows its progress)."""
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def merge_weights(model: PeftModel) -> PreTrainedModel:
     """The adapter folded into the base's weights, the PEFT wrapper gone."""
     return model.merge_and_unload()
@@ -173,11 +190,11 @@ def merge_and_check(
     merged = merge_weights(model)
     commit = getattr(merged.config, "_commit_hash", None)
     merged_dir.mkdir()
-    save_merged(merged, cfg, merged_dir, max_shard_size)
-    del model, merged
-    gc.collect()
-
-    reloaded = load_merged(merged_dir, dtype, cfg.trust_remote_code)
+    with no_progress_bars():
+        save_merged(merged, cfg, merged_dir, max_shard_size)
+        del model, merged
+        gc.collect()
+        reloaded = load_merged(merged_dir, dtype, cfg.trust_remote_code)
     got = logits_of(reloaded, batches)
     del reloaded
     gc.collect()

@@ -367,3 +367,21 @@ def test_an_export_home_is_checked_against_its_sidecar(run: Path, tmp_path: Path
         parse_args(["h", experiment, "--export", "hf", "--export-args=--merged"])
     args, _ = parse_args(["h", experiment, "--export", "hf", "--export-args=--merge --dtype fp16"])
     assert args.export_args == ["--merge", "--dtype", "fp16"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "moved-aside"])
+def test_a_staged_directory_replaces_an_older_one_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    from src.export import staging
+
+    if not exchange:
+        monkeypatch.setattr(staging, "_exchange", lambda first, second: False)
+    target, staged = tmp_path / "export_hf", tmp_path / ".export_hf.1.tmp"
+    (target / "merged").mkdir(parents=True)
+    (target / "merged" / "old.safetensors").write_text("old")
+    (staged / "adapter").mkdir(parents=True)
+    (staged / "adapter" / "adapter_config.json").write_text("{}")
+    staging.commit(staged, target)
+    assert staging.tree_files(target).keys() == {"adapter/adapter_config.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export_hf"]  # the old one is gone

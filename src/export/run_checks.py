@@ -54,7 +54,7 @@ def lock_for_export(layout: RunLayout) -> RunLock:
 
 
 def is_adapter_run(layout: RunLayout) -> bool:
-    """A PEFT run: it wrote best_adapter/ or final_adapter/ (and no .pt weights)."""
+    """A PEFT run: it wrote best_adapter/ or final_adapter/."""
     return layout.best_adapter.is_dir() or layout.final_adapter.is_dir()
 
 
@@ -67,9 +67,9 @@ def weights_to_export(layout: RunLayout, weights: str, format_name: str = "onnx"
     """The weights file of a finished run, or ExportError naming what is missing."""
     if is_adapter_run(layout) and not (layout.best_model.is_file() or layout.final_model.is_file()):
         raise ExportError(
-            f"run {layout.root} is a PEFT (LoRA) run: its weights are {layout.final_adapter.name}/"
-            f" and {layout.best_adapter.name}/, not a .pt file --format {format_name} exports; "
-            "use --format hf (add --merge for a full model)"
+            f"run {layout.root} is a PEFT (LoRA) run: --format {format_name} exports "
+            f"{layout.best_model.name}/{layout.final_model.name}, and its weights are adapters "
+            f"({layout.final_adapter.name}/); use --format hf (add --merge for a full model)"
         )
     newest = newest_checkpoint(layout)
     any_weights = newest or layout.best_model.is_file() or layout.final_model.is_file()

@@ -2,9 +2,11 @@
 
     python scripts/export.py outputs/template-dev --format onnx            # = export_onnx.py
     python scripts/export.py outputs/char-lm-dev --format onnx --weights final --int8
+    python scripts/export.py outputs/llm-sft-dev --format hf --merge       # LoRA: export_hf/
+    python scripts/export.py outputs/llm-sft-dev --format hf --gguf --llama-cpp ~/llama.cpp
 
-``--format`` (today: onnx) decides which further options there are: ``--format onnx -h``
-lists them. Exit 0, 2 (bad input) or 1 (the export disagrees with torch); on failure
+``--format`` (onnx, hf) decides which further options there are: ``--format hf -h`` lists
+them. Exit 0, 2 (bad input) or 1 (the export disagrees with its source); on failure
 nothing is written. The logic is in src/export/; remote_train --export FORMAT runs this.
 """
 

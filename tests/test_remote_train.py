@@ -599,6 +599,7 @@ def test_export_onnx_on_the_host_comes_home_verified(host: Host, first_loop) -> 
     manifests = map(read_manifest, (host.root / "manifests").glob("*.json"))
     covering = [m for m in manifests if Path(m.remote_dir) == remote and m.verified]
     assert any(e.path == "model.onnx" for m in covering for e in m.files), "model.onnx unverified"
+    assert "2 export(s) match their sidecars" in result.stdout  # both runs' model.onnx, home
 
 
 def test_destroy_only_after_a_verified_retrieve(host: Host, first_loop) -> None:
@@ -731,6 +732,7 @@ def test_bad_input_is_one_line_before_connecting(capsys: pytest.CaptureFixture[s
         (["h", "--status", "--export-onnx"], "--export goes with a run or --attach"),
         (["h", EXPERIMENT, "--export", "tflite"], "--export tflite: no such export format"),
         (["h", EXPERIMENT, "--export-onnx", "--export-args=--spec 'x"], "--export-args: "),
+        (["h", EXPERIMENT, "--export", "hf", "--export-args=--gguf-type q4"], "hf: argument "),
         (["h", EXPERIMENT, "--min-gpu-efficiency", "1.5"], "must be in (0, 1], got 1.5"),
         (["h", "--status", "--check"], "--check / --min-gpu-efficiency go with a run"),
         (["h", "--attach", "x", "--check"], "--check / --min-gpu-efficiency go with a run"),

@@ -3,16 +3,17 @@
 
 A new format is one module with a class that follows ``ExportFormat`` (``src/export/format.py``)
 and one line below (or a ``register_format`` call from the code that defines it).
-Importing this module imports no torch, onnx or onnxruntime.
+Importing this module imports no torch, onnx, onnxruntime, transformers or peft.
 """
 
 from __future__ import annotations
 
 from src.export.errors import ExportError
 from src.export.format import ExportFormat
+from src.export.hf.format import HfFormat
 from src.export.onnx.format import OnnxFormat
 
-_FORMATS: dict[str, type[ExportFormat]] = {OnnxFormat.name: OnnxFormat}
+_FORMATS: dict[str, type[ExportFormat]] = {OnnxFormat.name: OnnxFormat, HfFormat.name: HfFormat}
 
 
 def register_format(format_class: type[ExportFormat]) -> None:
@@ -35,5 +36,6 @@ def format_class(name: str) -> type[ExportFormat]:
 
 
 def resolve_format(fmt: str | ExportFormat) -> ExportFormat:
-    """A format name (its default options) or an instance (``OnnxFormat(int8=True)``)."""
+    """A format name (its default options) or an instance (``OnnxFormat(int8=True)``,
+    ``HfFormat(merge=True)``)."""
     return format_class(fmt)() if isinstance(fmt, str) else fmt

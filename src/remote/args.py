@@ -15,6 +15,8 @@ from pathlib import Path
 
 from src.cloud.registry import PROVIDER_KEYS
 from src.common.paths import REPO_ROOT
+from src.export.arguments import format_from_options
+from src.export.errors import ExportError
 from src.export.registry import format_names
 
 SCRIPT = "python scripts/remote_train.py"
@@ -235,6 +237,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Experiment]]:
         args.export_args = shlex.split(args.export_args)
     except ValueError as error:
         raise UsageError(f"--export-args: {error}") from None
+    if args.export:
+        try:  # checked here: a typo found after hours of training on the host costs more
+            format_from_options(args.export, args.export_args)
+        except ExportError as error:
+            raise UsageError(f"--export-args for --export {args.export}: {error}") from None
     if args.export and (args.status or args.monitor):
         raise UsageError("--export goes with a run or --attach")
     if bool(args.provider) != bool(args.machine):

@@ -17,7 +17,7 @@ import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dotenv import dotenv_values
@@ -25,6 +25,8 @@ from dotenv import dotenv_values
 from src.common.errors import EXIT_BELOW_EFFICIENCY
 from src.common.paths import REPO_ROOT
 from src.common.signals import EXIT_INTERRUPTED  # a run was interrupted: outputs home, not stopped
+from src.export.arguments import format_from_options
+from src.export.sidecar import check_against_sidecar
 from src.remote.args import Experiment, UsageError, attach_command, default_local_dir
 from src.remote.code_sync import ENV_FILE, push_code
 from src.remote.connection import Probe, open_session, probe
@@ -33,6 +35,7 @@ from src.remote.provider_link import InstanceLink, price_line
 from src.remote.runs import FINISHED_ON_PURPOSE, RunSpec, session_name
 from src.remote.stages import EXIT_DETACHED, StageError, StageReporter
 from src.remote.status_table import print_status_table
+from src.runs.layout import RunLayout
 from src.storage.output_sync import SyncError, transfer, verify_and_record
 
 EXPORT_SCRIPT = "scripts/export.py"  # run on the host, in the synced repo
@@ -63,6 +66,41 @@ class _CapturingSink:
         sys.stdout.buffer.flush()
 
 
+def local_copy_of(remote_path: str, targets: list[tuple[str, Path]]) -> Path | None:
+    """Where ``remote_path`` (a run directory on the host) lands here, given the retrieve's
+    (remote dir, local dir) pairs; None when no pair covers it."""
+    for remote, local in targets:
+        try:
+            relative = PurePosixPath(remote_path).relative_to(PurePosixPath(remote))
+        except ValueError:
+            continue
+        return local / relative
+    return None
+
+
+def check_exports_home(
+    export: str, export_args: list[str], run_dirs: list[str], targets: list[tuple[str, Path]]
+) -> int:
+    """Each exported run's export files, home, against their sidecars (every file's sha256
+    and size; a directory export holding nothing else); the number of exports checked.
+    StageError("verify") naming the first file that differs."""
+    export_format = format_from_options(export, export_args)
+    checked = 0
+    for run_dir in run_dirs:
+        local_run = local_copy_of(run_dir, targets)
+        if local_run is None:
+            continue
+        for target in export_format.targets(RunLayout(local_run)):
+            problems = check_against_sidecar(target)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise StageError(
+                    "verify", f"export {problems[0]}{more}: export the run again on the host"
+                )
+            checked += 1
+    return checked
+
+
 @dataclass
 class Outcome:
     states: list[dict[str, Any]]
@@ -89,6 +127,7 @@ class RemoteTrain:
         self.instance: InstanceLink | None = None  # with --stop-after / --destroy-after
         self.run_names: list[str] = [args.attach] if args.attach else []
         self.local_dir = Path(args.local_dir or default_local_dir(args.host)).expanduser()
+        self.exported: list[str] = []  # the host's run dirs the export stage exported
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -347,6 +386,7 @@ class RemoteTrain:
                         f"run '{state['run_name']}': {Path(EXPORT_SCRIPT).name} exited with "
                         f"code {code}: {last.strip()}",
                     )
+                self.exported.append(state["run_dir"])
             skipped = [s["run_name"] for s in outcome.states if s not in done]
             stage.note = f"{len(done)} run(s) exported"
             if skipped:
@@ -393,6 +433,12 @@ class RemoteTrain:
                     f"{len(manifest.files)} files ({manifest.total_bytes / 1e6:.2f} MB) in "
                     f"{local}, {hashed} hashed; manifest {path}"
                 )
+            if self.exported:
+                resolved = [(remote, local.resolve()) for remote, local in targets]
+                checked = check_exports_home(
+                    self.args.export, self.args.export_args, self.exported, resolved
+                )
+                notes.append(f"{checked} export(s) match their sidecars")
             stage.note = "; ".join(notes)
 
     def shutdown(self, outcome: Outcome, targets: list[tuple[str, Path]]) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from src.export.format import Log
+from src.export.format import WEIGHTS, Log
 from src.export.onnx.check import check_against_torch, require_within
 from src.export.onnx.exporters import EXPORTERS, export_spec
 from src.export.onnx.graph import describe_graph, tool_versions
@@ -39,6 +39,7 @@ class OnnxFormat:
     """The ONNX export and its options (the ``scripts/export_onnx.py`` flags)."""
 
     name: ClassVar[str] = "onnx"
+    source: ClassVar[str] = WEIGHTS  # best_model.pt / final_model.pt, rebuilt by a spec
     int8: bool = False  # also model.int8.onnx
     exporter: str = "auto"  # auto | dynamo | torchscript
     tolerance: float = FP32_TOLERANCE

@@ -12,7 +12,8 @@
     test_results.json    test metrics, cost, effective batch
     tensorboard/         event files
     wandb/               the W&B (offline) run
-    model.onnx           exports (model.onnx.json beside each)
+    model.onnx           exports (model.onnx.json beside each); export_hf/ (a LoRA run's
+                         adapter, merged model, GGUF; export_hf.json beside it)
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from src.checkpoints.trainable import load_trainable_state, trainable_state_dict
 from src.checkpoints.trainable_format import TrainableOnlyFormat, format_for_model
 from src.common.rng import capture_rng_state, restore_rng_state, seed_everything
 from src.common.signals import (
@@ -146,14 +147,22 @@ class InterruptibleTrainer:
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.is_distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        # Before anything is written: a changed setting is an error, a live run owns the dir,
-        # S3 settings work. The lock is only probed here and held while fit() runs, so a
-        # notebook that builds a new trainer (re-running a cell) never blocks itself.
-        is_main = self.dist.is_main
-        # A partly frozen model (LoRA) checkpoints only what trains, and names its frozen base,
-        # which a resume must match (checked by the opening, before anything is written).
+        # Moved to the device, unless its loader placed it (device_map, 4-bit): then batches
+        # go where its input embeddings are.
+        self.placement = place_model(model, self.device, self.dist.world_size)
+        self.device = self.placement.input_device
+        self.model = model
+        self.is_adapter = is_peft_model(model)  # best/final weights: adapter folders
+        if cfg.trainer.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        # A partly frozen model (LoRA) checkpoints only what trains, and names its frozen base
+        # (fingerprinted where it now lives: on a GPU, one fast pass).
         checkpoint_format = format_for_model(model)
         trainable_only = isinstance(checkpoint_format, TrainableOnlyFormat)
+        # Before anything is written: a changed setting or base is an error, a live run owns
+        # the dir, S3 settings work. The lock is only probed here and held while fit() runs,
+        # so a notebook that builds a new trainer (re-running a cell) never blocks itself.
+        is_main = self.dist.is_main
         self.opening = open_run(
             cfg,
             self.dist.world_size,
@@ -169,14 +178,6 @@ class InterruptibleTrainer:
             step_fn = functools.partial(default_train_step, loss_fn=loss_fn)
             eval_fn = eval_fn or functools.partial(default_eval_step, loss_fn=loss_fn)
         self.step_fn, self.eval_fn = step_fn, eval_fn or step_fn
-        # Moved to the device, unless its loader placed it (device_map, 4-bit): then batches
-        # go where its input embeddings are.
-        self.placement = place_model(model, self.device, self.dist.world_size)
-        self.device = self.placement.input_device
-        self.model = model
-        self.is_adapter = is_peft_model(model)  # best/final weights: adapter folders
-        if cfg.trainer.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
         self._parameter_count = sum(p.numel() for p in self.model.parameters())
         # What the step function sees while training; checkpoints save self.model.
         self.train_model = wrap_for_training(self.model, self.dist, self.device)
@@ -463,7 +464,8 @@ class InterruptibleTrainer:
         weights = "final"
         best_path = self.layout.best_adapter if self.is_adapter else self.layout.best_model
         if use_best and best_path.exists():
-            final_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+            # What the best weights replace, kept to put back (a LoRA model's adapters only).
+            final_state = {k: v.clone() for k, v in trainable_state_dict(self.model).items()}
             if self.is_adapter:
                 load_adapter_weights(self.model, best_path)
             else:
@@ -472,7 +474,7 @@ class InterruptibleTrainer:
         with self._explain_out_of_memory("the test evaluation"):
             metrics = self.evaluate(test_set)
         if weights == "best":
-            self.model.load_state_dict(final_state)
+            load_trainable_state(self.model, final_state)
         results = test_record(
             self.state, metrics, weights, self.monitor, self.batch_size, self.effective_batch_size
         )

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 
 from src.checkpoints.record import CheckpointRecord
 from src.common.errors import EXIT_CONFIG_ERROR, ConfigError
@@ -254,6 +254,7 @@ def _run(
             mirror.start(hf_checkpoints.committed_records(output_dir))
         finished = _finished_step(newest, args)
         if finished is not None:
+            _load_finished(trainer, newest)  # what follows (save_model, evaluate) sees it
             _print(
                 dist,
                 f"run in {output_dir} finished at step {finished} ({newest.name}): "
@@ -438,6 +439,12 @@ def _newest_checkpoint(
     barrier(dist)
     step = max_over_ranks(step, dist, device)
     return hf_checkpoints.checkpoint_folder(output_dir, step) if step >= 0 else None
+
+
+def _load_finished(trainer: Any, checkpoint: Path) -> None:
+    """A finished run's weights and state into ``trainer``, as ``train()`` would leave them."""
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
 
 def _finished_step(checkpoint: Path | None, args: Any) -> int | None:

@@ -5,8 +5,8 @@
 Keys: ``max_steps`` (24), ``save_steps`` (4), ``s3_bucket``, ``endpoint_url``,
 ``budget_usd``, ``hourly_rate_usd``, ``step_sleep_s`` (pause per step, so a signal lands
 mid-run), ``kill_in_save_at`` (SIGKILL itself inside the save of that step: the Trainer's
-files written, the completeness record not yet), ``hold_s`` (sleep before training: a
-lock holder). Prints ``step N`` after each step; on return writes ``final_weights.pt`` and
+files written, the completeness record not yet). Prints ``step N`` after each step; on
+return writes ``final_weights.pt`` and
 ``result.json`` (the status and the steps of the Trainer's ``log_history``).
 """
 
@@ -66,7 +66,6 @@ def main() -> None:
     output_dir = sys.argv[1]
     opts = dict(arg.split("=", 1) for arg in sys.argv[2:])
     torch.set_num_threads(1)
-    hold_s = float(opts.get("hold_s", 0))
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -93,13 +92,8 @@ def main() -> None:
         seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=TokenSet())
-    trainer.add_callback(Steps(float(opts.get("step_sleep_s", 0)), int(opts.get("kill_in_save_at", -1))))
-    if hold_s:
-        from src.runs.lock import acquire_run_lock
-
-        acquire_run_lock(Path(output_dir))
-        print("holding", flush=True)
-        time.sleep(hold_s)
+    steps = Steps(float(opts.get("step_sleep_s", 0)), int(opts.get("kill_in_save_at", -1)))
+    trainer.add_callback(steps)
     budget = opts.get("budget_usd")
     rate = opts.get("hourly_rate_usd")
     result = run_interruptible(

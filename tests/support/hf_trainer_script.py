@@ -5,7 +5,8 @@
 Keys: ``max_steps`` (24), ``save_steps`` (4), ``s3_bucket``, ``endpoint_url``,
 ``budget_usd``, ``hourly_rate_usd``, ``step_sleep_s`` (pause per step, so a signal lands
 mid-run), ``kill_in_save_at`` (SIGKILL itself inside the save of that step: the Trainer's
-files written, the completeness record not yet). Prints ``step N`` after each step; on
+files written, the completeness record not yet), ``again`` (call run_interruptible a
+second time once done). Prints ``step N`` after each step; on
 return writes ``final_weights.pt`` and
 ``result.json`` (the status and the steps of the Trainer's ``log_history``).
 """
@@ -103,6 +104,8 @@ def main() -> None:
         budget_usd=float(budget) if budget else None,
         hourly_rate_usd=float(rate) if rate else None,
     )
+    if opts.get("again"):  # the same call once more: a finished run trains nothing
+        run_interruptible(trainer)
     torch.save(model.state_dict(), Path(output_dir) / "final_weights.pt")
     steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {"status": str(result.status), "steps": steps, "cost_usd": result.cost_usd}

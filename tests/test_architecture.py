@@ -25,7 +25,7 @@ LAYERS = [
     ["utils"],
     ["launch"],
     ["trainers"],
-    ["export"],
+    ["export", "integrations"],
     ["sweeps", "slurm", "remote"],
 ]
 LEVEL = {package: level for level, packages in enumerate(LAYERS) for package in packages}

@@ -206,7 +206,8 @@ def test_a_cuda_rank_selects_its_gpu_before_nccl_starts(monkeypatch: pytest.Monk
 @pytest.mark.parametrize(
     ("device", "ranks", "variant"),
     [
-        ("cpu", 2, "plain"),
+        # On the CPU the accumulate variant alone (it runs the plain DDP path plus no_sync):
+        # the suite's time budget; on GPUs both.
         ("cpu", 2, "accumulate"),
         pytest.param("cuda", 1, "plain", marks=pytest.mark.gpu, id="cuda-1-nccl-plain"),
         pytest.param("cuda", 2, "plain", marks=[pytest.mark.gpu, TWO_GPUS]),

@@ -326,7 +326,7 @@ def _train(
         status = Outcome.INTERRUPTED if stop_request.requested else Outcome.COMPLETED
     step = trainer.state.global_step
     if status == Outcome.BUDGET_REACHED:
-        _print(dist, cost.budget_reached_line(cost_state).replace("cost.budget_usd", "budget_usd"))
+        _print(dist, cost.budget_reached_line(cost_state, setting="budget_usd"))
     elif status == Outcome.INTERRUPTED:
         _print(dist, f"saved checkpoint-{step}; run the same command again to resume")
     newest = callback.last_saved.path if callback.last_saved is not None else resume_from

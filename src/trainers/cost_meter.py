@@ -96,12 +96,13 @@ class CostMeter:
     def budget_spent(self, state: TrainState) -> bool:
         return self.budget_usd is not None and self.cost_now(state) >= self.budget_usd
 
-    def budget_reached_line(self, state: TrainState) -> str:
-        """Ticks, then says what the run cost and how to go on."""
+    def budget_reached_line(self, state: TrainState, setting: str = "cost.budget_usd") -> str:
+        """Ticks, then says what the run cost and how to go on (``setting``: what the user
+        raises, as they spelled it)."""
         self.tick(state)
         return (
             f"budget reached: this run has cost ${state.cost_usd:.2f} of "
-            f"cost.budget_usd=${self.budget_usd:.2f} ({fmt_seconds(state.billed_seconds)} "
+            f"{setting}=${self.budget_usd:.2f} ({fmt_seconds(state.billed_seconds)} "
             f"at ${self.hourly_rate_usd:.2f}/h); checkpoint saved at step "
-            f"{state.global_step}; raise cost.budget_usd and re-run to resume"
+            f"{state.global_step}; raise {setting} and re-run to resume"
         )

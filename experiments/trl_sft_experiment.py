@@ -5,14 +5,19 @@
 # resume from the newest *complete* checkpoint, the S3 mirror, the budget (exit 76), cost and
 # GPU stats in the Trainer's own logs. docs/hf_trainer.md says what is exact.
 #
-#     python experiments/trl_sft_experiment.py                  # outputs/trl-sft, CPU, seconds
-#     python experiments/trl_sft_experiment.py /workspace/persistent/trl-sft
-#     S3_BUCKET=my-bucket BUDGET_USD=5 HOURLY_RATE_USD=2.1 python experiments/trl_sft_experiment.py
+#     python experiments/trl_sft_experiment.py                      # dev: tiny-llama, CPU, seconds
+#     python experiments/trl_sft_experiment.py run_name=r16 model.lora_r=16 cost.budget_usd=5
+#     DEV_MODE=False python experiments/trl_sft_experiment.py       # prod: a hub model, 4-bit
+#     python scripts/remote_train.py HOST experiments/trl_sft_experiment.py --export hf
+#     sbatch scripts/slurm/train.sbatch experiments/trl_sft_experiment.py
 #
 # Kill it (Ctrl-C, `kill -TERM`, Slurm's USR1) and run the same command again: it resumes.
-# The model is tiny-llama (no download) and the data data/samples/sft_chat.jsonl.
+# The kit's YAML drives it (configs/trl_sft_dev.yaml, configs/trl_sft_prod.yaml): the run
+# directory <paths.output_dir>/<run_name> holds config.json, the Trainer's checkpoint-N
+# folders and final_adapter/, so remote_train, Slurm and `scripts/export.py --format hf`
+# treat it like any run of the kit.
 
-# %% Setup
+# %% Setup: config, paths, Hugging Face cache
 import os
 import sys
 from pathlib import Path
@@ -31,67 +36,73 @@ use_persistent_hf_cache()  # before transformers is imported: it reads HF_HOME o
 import torch
 
 from src.config import in_notebook
+from src.data.chat import ChatDataConfig
+from src.launch import load_experiment_config
+from src.models.llm import LlmConfig
+from src.runs.files import prepare_run_dir
 
-args = [] if in_notebook() else sys.argv[1:]
-output_dir = Path(args[0]) if args else REPO_ROOT / "outputs" / "trl-sft"
-if not torch.cuda.is_available():
+# As a script: --config PATH and key=value overrides from the command line.
+# In a notebook: the dev/prod config picked by DEV_MODE; edit `overrides` to experiment.
+overrides: list[str] = []
+cfg = load_experiment_config(
+    overrides if in_notebook() else None,
+    model=LlmConfig,
+    data=ChatDataConfig,
+    dev_config=REPO_ROOT / "configs" / "trl_sft_dev.yaml",
+    prod_config=REPO_ROOT / "configs" / "trl_sft_prod.yaml",
+)
+model_cfg = LlmConfig.from_section(cfg.model)
+run_dir = prepare_run_dir(cfg)  # <paths.output_dir>/<run_name>, config.json written
+if model_cfg.is_tiny and not torch.cuda.is_available():
     torch.set_num_threads(1)  # a tiny model: thread hand-offs cost more than they give
+print(f"run '{cfg.run_name}' in {run_dir}: {model_cfg.name_or_path}, LoRA r={model_cfg.lora_r}")
 
-# %% Data: the sample chats as TRL's conversational prompt/completion pairs
+# %% Data: the chats as TRL's conversational prompt/completion pairs, split like the kit's
 from datasets import Dataset
 
-from src.data.chat import data_file, read_jsonl, record_messages
+from src.data.chat import data_file, prompt_completion_splits
 
-rows = []
-for line, record in read_jsonl(data_file("data/samples/sft_chat.jsonl")):
-    messages = record_messages(record, f"line {line}")
-    rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
-train_set = Dataset.from_list(rows)
-print(f"data: {len(train_set)} conversations")
+splits = prompt_completion_splits(data_file(cfg.data.path, REPO_ROOT), cfg.data)
+train_set, val_set, test_set = (Dataset.from_list(rows) for rows in splits)
+print(f"data: {len(train_set)} train / {len(val_set)} val / {len(test_set)} test conversations")
 
-# %% Model and trainer: the frozen tiny base, LoRA adapters from TRL's peft_config
+# %% Model and trainer: the frozen base, LoRA adapters from TRL's peft_config
 from trl import SFTConfig, SFTTrainer
 
-from src.models.llm import LlmConfig, build_tiny_llama, build_tiny_tokenizer, lora_config
+from src.integrations.hf_args import reporter_environment, trainer_arguments
+from src.models.llm import load_base_model, load_tokenizer, lora_config
 
+for key, value in reporter_environment(cfg, run_dir).items():
+    os.environ.setdefault(key, value)
 sft_args = SFTConfig(
-    output_dir=str(output_dir),
-    max_steps=int(os.environ.get("MAX_STEPS", 24)),
-    save_steps=8,
-    save_total_limit=2,  # run_interruptible prunes: never a checkpoint S3 lacks
-    per_device_train_batch_size=8,
-    learning_rate=1e-2,  # high: a random tiny base learns only through its adapters
-    logging_steps=4,
-    max_length=128,
+    **trainer_arguments(cfg, run_dir),
+    max_length=cfg.data.max_length,
+    packing=cfg.data.packing,
     completion_only_loss=True,  # the prompt's tokens carry no loss
-    dataloader_num_workers=0,
-    report_to=[],  # "tensorboard" or "wandb": cost/usd and gpu/* go there too
-    use_cpu=not torch.cuda.is_available(),
-    seed=42,
 )
 trainer = SFTTrainer(
-    model=build_tiny_llama(),
+    model=load_base_model(model_cfg),
     args=sft_args,
     train_dataset=train_set,
-    processing_class=build_tiny_tokenizer(),
-    peft_config=lora_config(LlmConfig()),
+    eval_dataset=val_set,
+    processing_class=load_tokenizer(model_cfg),
+    peft_config=lora_config(model_cfg),
 )
 
 # %% Train: replaces trainer.train(); a stop exits 75 (76: budget) in a script
 from src.integrations.hf_trainer import run_interruptible
 
-budget = os.environ.get("BUDGET_USD")
-rate = os.environ.get("HOURLY_RATE_USD")
-result = run_interruptible(
-    trainer,
-    s3_bucket=os.environ.get("S3_BUCKET"),
-    endpoint_url=os.environ.get("S3_ENDPOINT_URL"),
-    budget_usd=float(budget) if budget else None,
-    hourly_rate_usd=float(rate) if rate else None,
-)
+result = run_interruptible(trainer, config=cfg)  # checkpoint.s3_*, cost.*, logging.gpu_stats
 print(f"{result.status} at step {result.global_step}; checkpoint {result.checkpoint}")
 
-# %% The adapter, ready for PeftModel.from_pretrained
+# %% The adapters (PeftModel.from_pretrained, `scripts/export.py RUN --format hf`) and the test
+import json
+
+from src.integrations.hf_outputs import save_adapters
+from src.runs.layout import RunLayout
+
 if not result.interrupted:
-    trainer.save_model(str(output_dir / "final_adapter"))
-    print(f"adapter saved in {output_dir / 'final_adapter'}")
+    saved = save_adapters(trainer, run_dir)  # final_adapter/, best_adapter/: whole or not at all
+    test = trainer.evaluate(test_set, metric_key_prefix="test")
+    RunLayout(run_dir).test_results.write_text(json.dumps(test, indent=2))
+    print(f"adapters in {', '.join(map(str, saved))}; test loss {test['test_loss']:.4f}")

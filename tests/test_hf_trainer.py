@@ -29,9 +29,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainingArguments
 
 from src.common.signals import EXIT_BUDGET_REACHED, EXIT_INTERRUPTED
+from src.config import experiment_schema, load_config
+from src.data.chat import ChatDataConfig
+from src.integrations.hf_args import reporter_environment, trainer_arguments
 from src.integrations.hf_checkpoints import RECORD_NAME
+from src.models.llm import LlmConfig
 from src.runs.lock import acquire_run_lock
 from tests.support.moto_server import AWS_ENV, running_moto_s3
 
@@ -44,20 +49,32 @@ BUCKET = "hf-bucket"
 TIMEOUT_S = 120
 
 
-def start(
-    output_dir: Path, *options: str, script: Path = SCRIPT, side: bool = False
-) -> subprocess.Popen[str]:
+def start(output_dir: Path, *options: str, side: bool = False) -> subprocess.Popen[str]:
     """``side``: a check beside the chain of runs, at a lower priority (the chain's runs are
     the test's critical path on two cores)."""
-    env = {**os.environ, **AWS_ENV, "PYTHONUNBUFFERED": "1", "MAX_STEPS": "4"}
+    env = {**os.environ, **AWS_ENV, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, str(script), str(output_dir), *options],
+        [sys.executable, str(SCRIPT), str(output_dir), *options],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=(lambda: os.nice(10)) if side else None,
+    )
+
+
+def start_trl(output_dir: Path) -> subprocess.Popen[str]:
+    """The TRL experiment on the kit's dev config, 4 steps, evaluated and saved every 2."""
+    options = ("trainer.max_steps=4", "checkpoint.every_n_steps=2", "trainer.log_every_n_steps=2")
+    return subprocess.Popen(
+        [sys.executable, str(TRL_EXPERIMENT), f"paths.output_dir={output_dir}", *options],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: os.nice(10),
     )
 
 
@@ -94,7 +111,7 @@ def test_stop_budget_kill_and_s3_resume_end_bit_identical(tmp_path: Path) -> Non
         stop_step = random.Random().randint(5, 10)
         first = start(run_dir, *s3_options, "step_sleep_s=0.15")
         reference = start(reference_dir, side=True)
-        trl = start(tmp_path / "trl", script=TRL_EXPERIMENT, side=True)
+        trl = start_trl(tmp_path / "trl")
         output = signal_at_step(first, stop_step, signal.SIGTERM)
         code, rest = finish(first)
         output += rest
@@ -156,5 +173,44 @@ def test_stop_budget_kill_and_s3_resume_end_bit_identical(tmp_path: Path) -> Non
     assert "step 1\n" not in output, output
     code, output = finish(trl)
     assert code == 0, output
-    assert "completed at step 4" in output and (tmp_path / "trl" / "final_adapter").is_dir()
+    trl_run = tmp_path / "trl" / "trl-sft-dev"  # <paths.output_dir>/<run_name>, as the kit's
+    assert "completed at step 4" in output, output
+    assert json.loads((trl_run / "config.json").read_text())["run_name"] == "trl-sft-dev"
+    assert "test_loss" in json.loads((trl_run / "test_results.json").read_text())
+    # The kit's export takes the TRL run: its best adapter (the checkpoint with the best
+    # eval_loss) in PEFT's layout.
+    export = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "export.py"), str(trl_run), "--format", "hf"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert export.returncode == 0, export.stdout + export.stderr
+    state = json.loads((trl_run / "checkpoint-4" / "trainer_state.json").read_text())
+    best = state["best_model_checkpoint"]
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        exported = (trl_run / "export_hf" / "adapter" / name).read_bytes()
+        assert exported == (Path(best) / name).read_bytes(), name
     print(f"wall time {time.monotonic() - started:.1f} s")
+
+
+def test_the_kit_config_maps_onto_training_arguments(tmp_path: Path) -> None:
+    """The TRL experiment's dev config as TrainingArguments (which checks every name), and the
+    GPU-only half precision the CPU never takes."""
+    schema = experiment_schema(model=LlmConfig, data=ChatDataConfig)
+    dev = REPO_ROOT / "configs" / "trl_sft_dev.yaml"
+    cfg = load_config(dev, ["trainer.gradient_checkpointing=true"], schema=schema)
+    arguments = TrainingArguments(**trainer_arguments(cfg, tmp_path, cuda=False))
+    assert (arguments.max_steps, arguments.save_steps, arguments.eval_steps) == (24, 8, 8)
+    assert arguments.learning_rate == cfg.optim.lr and arguments.use_cpu
+    assert arguments.per_device_train_batch_size == cfg.data.batch_size
+    assert arguments.save_total_limit == cfg.checkpoint.keep_last_n
+    assert arguments.metric_for_best_model == "eval_loss" and not arguments.greater_is_better
+    assert arguments.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert not arguments.bf16 and arguments.report_to == ["tensorboard"]
+    on_gpu = trainer_arguments(cfg, tmp_path, cuda=True)
+    assert on_gpu["bf16"] and not on_gpu["use_cpu"] and "fp16" not in on_gpu
+    environment = reporter_environment(cfg, tmp_path)
+    assert environment == {"TENSORBOARD_LOGGING_DIR": str(tmp_path / "tensorboard")}
+    cfg = load_config(dev, ["logging.use_wandb=true"], schema=schema)
+    assert reporter_environment(cfg, tmp_path)["WANDB_MODE"] == "offline"

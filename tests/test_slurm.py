@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from src.config import ConfigError
+from src.integrations.hf_checkpoints import RECORD_NAME as HF_RECORD
 from src.slurm.batch_job import (
     MULTINODE,
     SINGLE,
@@ -274,6 +275,39 @@ def test_a_budget_stop_is_not_requeued(cluster: SlurmCluster, tmp_path: Path) ->
     run_dir = tmp_path / "out" / "budget"
     assert newest_checkpoint_step(run_dir) >= 1  # resumable with a bigger budget
     assert not (run_dir / "test_results.json").exists()
+
+
+def test_a_hugging_face_trainer_script_stops_on_usr1_requeues_and_resumes(
+    cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """``run_interruptible`` under the batch script: USR1 (Slurm's notice) -> the Trainer's
+    checkpoint, record last -> exit 75 -> requeue -> the restart resumes it and finishes."""
+    output_dir = tmp_path / "hf"
+    job_id = sbatch(
+        cluster,
+        "--gres=none",
+        "--cpus-per-task=1",
+        "--mem=1000M",  # transformers' import alone is a few hundred MB
+        f"--output={tmp_path}/%x_%j.out",
+        TRAIN,
+        "tests/support/hf_trainer_script.py",
+        str(output_dir),
+        "max_steps=16",
+        "step_sleep_s=0.2",
+    )
+    deadline = time.monotonic() + 90
+    while not list(output_dir.glob(f"checkpoint-*/{HF_RECORD}")):
+        assert time.monotonic() < deadline, log_text(job_log(tmp_path, job_id))
+        time.sleep(0.1)
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    text = ended(cluster, job_id, tmp_path, "COMPLETED", "0:0", "1")
+    saved = re.findall(r"saved checkpoint-(\d+); run the same command again", text)
+    assert len(saved) == 1, text
+    assert "[slurm] stopped after SIGUSR1 (exit 75)" in text
+    assert f"[slurm] requeued job {job_id}: restart 1 resumes run " in text
+    assert f"resuming from {output_dir / f'checkpoint-{saved[0]}'}" in text
+    result = json.loads((output_dir / "result.json").read_text())
+    assert result["status"] == "completed" and result["steps"] == list(range(1, 17))
 
 
 def write_cases(path: Path, out: Path, cases: str) -> Path:

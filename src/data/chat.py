@@ -319,6 +319,20 @@ def build_chat_datasets(
     return ChatData(splits["train"], splits["val"], splits["test"], len(records), num_dropped)
 
 
+def prompt_completion_splits(
+    path: Path, data_cfg: ChatDataConfig | DictConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train/val/test rows ``{"prompt": messages, "completion": [last message]}`` (TRL's
+    conversational prompt-completion form), split exactly as :func:`build_chat_datasets`
+    splits the same file; TRL tokenizes and cuts them itself."""
+    rows: list[dict[str, Any] | None] = []
+    for line_no, record in read_jsonl(path):
+        messages = record_messages(record, f"{path}:{line_no}")
+        rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    splits = split_items(rows, data_cfg, "conversation")
+    return splits["train"], splits["val"], splits["test"]
+
+
 def pad_examples(
     input_ids: Sequence[torch.Tensor],
     labels: Sequence[torch.Tensor],

@@ -55,11 +55,11 @@ from src.common.signals import (
 from src.config import LoggingConfig, in_notebook, load_dotenv_file
 from src.integrations import hf_checkpoints
 from src.runs.lock import acquire_run_lock
-from src.storage.checkpoint_mirror import CheckpointMirror
+from src.storage.checkpoint_mirror import CheckpointMirror, FlushReport
 from src.storage.s3 import object_key
 from src.trainers.cost_meter import CostMeter, bill_origin
 from src.trainers.distributed import DistInfo, barrier, max_over_ranks
-from src.trainers.final_upload import FINAL_UPLOAD_S
+from src.trainers.final_upload import finish_uploads
 from src.trainers.progress import say, start_gpu_sampler
 from src.trainers.train_state import STOP_PRECEDENCE, Outcome, TrainState
 
@@ -156,6 +156,8 @@ class InterruptibleCallback(TrainerCallback):
             )
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Every rank wrote its part (rng_state_<rank>.pth) before rank 0 records the files.
+        barrier(self.dist)
         if not self.dist.is_main:
             return
         folder = hf_checkpoints.checkpoint_folder(args.output_dir, state.global_step)
@@ -476,23 +478,15 @@ def _finish_uploads(
     args: Any,
     outcome: Outcome,
 ) -> None:
-    """Wait for the uploads (``stop_grace_s`` after a stop or failure), release the mirror,
-    prune what is now verified, say what is left."""
-    if mirror is None or not mirror.running:
-        return
-    stopped = outcome in (Outcome.INTERRUPTED, Outcome.BUDGET_REACHED, Outcome.FAILED)
-    timeout = settings.stop_grace_s if stopped else max(settings.stop_grace_s, FINAL_UPLOAD_S)
-    report = mirror.stop(timeout)
-    hf_checkpoints.prune(output_dir, args.save_total_limit, None, mirror)
-    if report.waiting:
-        waiting = ", ".join(str(step) for step in report.waiting)
-        reason = f" ({mirror.last_error})" if mirror.last_error else ""
-        say(
-            f"S3 upload not finished within {timeout:.0f} s{reason}: step {waiting} still "
-            f"local in {output_dir}; the next run of this command uploads it"
-        )
-    elif report.uploaded:
-        say(f"S3 mirror up to date: step {max(report.uploaded)} in {mirror.url()}")
+    """The kit's end of run: the uploads, then retention of what S3 now holds verified."""
+
+    def close(timeout: float) -> FlushReport:
+        assert mirror is not None
+        report = mirror.stop(timeout)
+        hf_checkpoints.prune(output_dir, args.save_total_limit, None, mirror)
+        return report
+
+    finish_uploads(mirror, close, outcome, settings.stop_grace_s, output_dir, say)
 
 
 def _print(dist: DistInfo, message: str) -> None:

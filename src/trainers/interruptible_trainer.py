@@ -63,6 +63,7 @@ from src.data.resumable_sampler import ResumableSampler
 from src.launch.opening import ModelBase, open_run
 from src.runs.files import prepare_run_dir, write_json
 from src.runs.lock import acquire_run_lock
+from src.storage.checkpoint_mirror import FlushReport
 from src.telemetry.metric_logger import new_wandb_run_id
 from src.trainers.adapters import is_peft_model, load_adapter_weights, save_adapter
 from src.trainers.batch_size import measure_batch_size
@@ -278,7 +279,11 @@ class InterruptibleTrainer:
             barrier(self.dist)  # other ranks read the best weights only once rank 0 wrote them
         finally:
             grace = self.cfg.checkpoint.s3_stop_grace_s
-            finish_uploads(self.mirror, self.checkpoints, outcome, grace, self.run_dir, self._print)
+
+            def close(timeout: float) -> FlushReport | None:
+                return self.checkpoints.close(remote_timeout=timeout)
+
+            finish_uploads(self.mirror, close, outcome, grace, self.run_dir, self._print)
             if run_lock is not None:
                 run_lock.release()
         return FitResult(

@@ -6,9 +6,11 @@ Keys: ``max_steps`` (24), ``save_steps`` (4), ``s3_bucket``, ``endpoint_url``,
 ``budget_usd``, ``hourly_rate_usd``, ``step_sleep_s`` (pause per step, so a signal lands
 mid-run), ``kill_in_save_at`` (SIGKILL itself inside the save of that step: the Trainer's
 files written, the completeness record not yet), ``again`` (call run_interruptible a
-second time once done). Prints ``step N`` after each step; on
-return writes ``final_weights.pt`` and
-``result.json`` (the status and the steps of the Trainer's ``log_history``).
+second time once done). Prints ``rank R pid P`` at the start (under torchrun, a test
+signals one rank) and ``step N`` after each step; on return rank 0 writes
+``final_weights.pt`` and ``result.json`` (the status and the steps of the Trainer's
+``log_history``). Other ``key=value`` arguments are ignored (the Slurm batch job appends
+``run_name=``).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def main() -> None:
         seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=TokenSet())
+    print(f"rank {args.process_index} pid {os.getpid()}", flush=True)  # a signal to one rank
     steps = Steps(float(opts.get("step_sleep_s", 0)), int(opts.get("kill_in_save_at", -1)))
     trainer.add_callback(steps)
     budget = opts.get("budget_usd")
@@ -106,6 +109,8 @@ def main() -> None:
     )
     if opts.get("again"):  # the same call once more: a finished run trains nothing
         run_interruptible(trainer)
+    if not trainer.is_world_process_zero():
+        return
     torch.save(model.state_dict(), Path(output_dir) / "final_weights.pt")
     steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {"status": str(result.status), "steps": steps, "cost_usd": result.cost_usd}

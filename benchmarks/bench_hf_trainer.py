@@ -100,7 +100,8 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     logging.getLogger("src").setLevel(logging.WARNING)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{args.steps} steps, a checkpoint every {args.save_steps}, {args.repeats} repeats, {device}")
+    print(f"{args.steps} steps, a checkpoint every {args.save_steps}, {args.repeats} repeats")
+    print(f"device: {device}")
     steps_per_second(False, 20, 10)  # warm-up: imports, allocator, first kernels
     ratios, plain_runs, kit_runs = [], [], []
     for repeat in range(args.repeats):

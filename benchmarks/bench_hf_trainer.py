@@ -31,21 +31,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
+from src.data.synthetic import RandomTokens
 from src.integrations.hf_trainer import run_interruptible
 
 SEQUENCE, VOCAB, SAMPLES = 64, 256, 512
-
-
-class TokenSet(torch.utils.data.Dataset):
-    def __init__(self) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, VOCAB, (SAMPLES, SEQUENCE), generator=generator)
-
-    def __len__(self) -> int:
-        return SAMPLES
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
 def build_trainer(output_dir: Path, steps: int, save_steps: int) -> Trainer:
@@ -75,7 +64,8 @@ def build_trainer(output_dir: Path, steps: int, save_steps: int) -> Trainer:
         bf16=cuda,
         seed=0,
     )
-    return Trainer(model=LlamaForCausalLM(config), args=args, train_dataset=TokenSet())
+    tokens = RandomTokens(SAMPLES, SEQUENCE, VOCAB)
+    return Trainer(model=LlamaForCausalLM(config), args=args, train_dataset=tokens)
 
 
 def steps_per_second(kit: bool, steps: int, save_steps: int) -> float:

@@ -38,7 +38,7 @@ from src.common.paths import (
 from src.config import ConfigError, describe_config_error, load_yaml_mapping
 from src.runs.files import write_json
 from src.runs.layout import RunLayout
-from src.sweeps.optuna_space import parse_space
+from src.sweeps.optuna_space import make_pruner, make_sampler, parse_space
 from src.sweeps.runner import Task, TaskResult, run_tasks
 
 MAX_RUN_NAME = 120
@@ -114,7 +114,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
 
 
 OPTUNA_ONLY_METHODS = ("tpe", "cmaes")
-PRUNERS = ("median", "hyperband", "none")
 
 
 def uses_optuna(spec: SweepSpec) -> bool:
@@ -134,8 +133,8 @@ def _validate(spec: SweepSpec, source: str) -> None:
         fail("sweep.parameters is empty: list at least one key, e.g. optim.lr: [1e-3, 3e-3]")
     if not experiment_path(spec).is_file():
         fail(f"sweep.experiment {experiment_path(spec)} does not exist")
-    if spec.config is not None and not _repo_path(spec.config).is_file():
-        fail(f"sweep.config {_repo_path(spec.config)} does not exist")
+    if spec.config is not None and not repo_path(spec.config).is_file():
+        fail(f"sweep.config {repo_path(spec.config)} does not exist")
     if any(gpu < 0 for gpu in spec.gpus) or len(set(spec.gpus)) != len(spec.gpus):
         fail(f"sweep.gpus {spec.gpus} must be distinct GPU indices >= 0, e.g. [0, 1]")
     if uses_optuna(spec):
@@ -161,8 +160,6 @@ def _validate_study(spec: SweepSpec, fail: Callable[[str], None]) -> None:
     """An Optuna sweep's own settings; the search space through parse_space."""
     if spec.n_trials < 1:
         fail(f"sweep.n_trials must be >= 1 for an Optuna study (method {spec.method})")
-    if spec.pruner not in PRUNERS:
-        fail(f"sweep.pruner is {spec.pruner!r}, expected median, hyperband or none")
     if spec.gpus:
         fail(
             "sweep.gpus: an Optuna sweep runs one trial at a time; start one sweep.py per GPU "
@@ -171,17 +168,19 @@ def _validate_study(spec: SweepSpec, fail: Callable[[str], None]) -> None:
     if spec.heartbeat_s < 1 or spec.grace_s <= spec.heartbeat_s:
         fail("sweep.heartbeat_s must be >= 1 and sweep.grace_s larger than it")
     try:
-        parse_space(spec.parameters, spec.method)
+        space = parse_space(spec.parameters, spec.method)
+        make_sampler(spec.method, space, spec.seed, dict(spec.sampler_args))
+        make_pruner(spec.pruner, dict(spec.pruner_args))
     except ConfigError as error:
         fail(str(error))
 
 
-def _repo_path(path: str) -> Path:
+def repo_path(path: str) -> Path:
     return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
 
 
 def experiment_path(spec: SweepSpec) -> Path:
-    return _repo_path(spec.experiment)
+    return repo_path(spec.experiment)
 
 
 def _sample(values: Any, rng: random.Random) -> Any:
@@ -246,7 +245,7 @@ def sweep_paths(spec: SweepSpec) -> SweepPaths:
 def build_tasks(spec: SweepSpec, trials: list[Trial], paths: SweepPaths) -> list[Task]:
     command = [sys.executable, str(experiment_path(spec))]
     if spec.config is not None:
-        command += ["--config", str(_repo_path(spec.config))]
+        command += ["--config", str(repo_path(spec.config))]
     tasks = []
     for trial in trials:
         run_dir = paths.output_dir / trial.run_name

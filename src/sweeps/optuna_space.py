@@ -1,5 +1,5 @@
-"""An Optuna sweep's search space: each ``sweep.parameters`` entry read, checked and turned
-into ``trial.suggest_*`` calls.
+"""An Optuna sweep's settings: the search space (each ``sweep.parameters`` entry read, checked
+and turned into ``trial.suggest_*`` calls), the sampler and the pruner.
 
     optim.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}
     model.hidden_dim: {type: int, low: 16, high: 128, step: 16}
@@ -8,7 +8,8 @@ into ``trial.suggest_*`` calls.
 
 ``min``/``max`` are read as ``low``/``high``, so a random-search range works unchanged. Any
 problem (an unknown key, low > high, a categorical with one choice, a log range from 0) is
-a one-line ConfigError naming the key, raised before anything starts.
+a one-line ConfigError naming the key, raised before anything starts. So are bad
+``sampler_args``/``pruner_args``: the sampler and pruner are built once while checking.
 """
 
 from __future__ import annotations
@@ -99,3 +100,37 @@ def _parse_one(name: str, value: Any) -> ParamSpace:
 
 def grid_search_space(space: list[ParamSpace]) -> dict[str, list[Any]]:
     return {param.name: list(param.choices) for param in space}
+
+
+def make_sampler(
+    method: str, space: list[ParamSpace], seed: int, args: dict[str, Any]
+) -> optuna.samplers.BaseSampler:
+    """The seeded Optuna sampler for ``method`` (tpe, random, grid, cmaes)."""
+    try:
+        if method == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **args)
+        if method == "random":
+            return optuna.samplers.RandomSampler(seed=seed, **args)
+        if method == "grid":
+            return optuna.samplers.GridSampler(grid_search_space(space), seed=seed, **args)
+        if method == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, **args)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"sweep.sampler_args for {method}: {error}") from None
+    raise ConfigError(f"sweep.method is {method!r}, expected tpe, random, grid or cmaes")
+
+
+def make_pruner(name: str, args: dict[str, Any]) -> optuna.pruners.BasePruner:
+    """median (MedianPruner), hyperband (HyperbandPruner) or none; ``args`` go to it."""
+    try:
+        if name == "median":
+            return optuna.pruners.MedianPruner(**args)
+        if name == "hyperband":
+            return optuna.pruners.HyperbandPruner(**args)
+        if name == "none" and not args:
+            return optuna.pruners.NopPruner()
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"sweep.pruner_args for {name}: {error}") from None
+    if name == "none":
+        raise ConfigError("sweep.pruner_args: pruner none takes no arguments")
+    raise ConfigError(f"sweep.pruner is {name!r}, expected median, hyperband or none")

@@ -10,7 +10,7 @@ several machines share. Each worker loops until the study holds ``n_trials`` tri
   runner gives it its log, its own process group and the stop-signal forwarding.
 - While a trial runs, the worker records Optuna heartbeats. A worker that vanishes (its
   machine gone, SIGKILL) stops them; after ``grace_s`` any worker fails that trial, and
-  Optuna's ``RetryFailedTrialCallback`` enqueues it again with the same parameters and
+  Optuna's ``RetryHeartbeatStaleTrialCallback`` enqueues it again with the same parameters and
   reports. The retry keeps the first trial's run directory, so it resumes from its
   checkpoint.
 - A trial stopped by SIGTERM/Ctrl-C (checkpoint saved, exit 75) goes back to WAITING: the
@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any
 
 import optuna
 from omegaconf import OmegaConf
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from src.config import ConfigError, default_config_path, load_yaml_mapping
@@ -65,6 +66,11 @@ TRIAL_PRUNER_ENV = "SWEEP_OPTUNA_PRUNER"  # JSON: {"name": ..., "args": {...}}
 PRUNED_ATTR = "sweep:pruned_at_epoch"  # set by the trial process when it prunes
 WAIT_SECONDS = 0.2
 
+# Heartbeats and the retry callback are marked experimental; the sweep prints its own lines.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
 
 def redact(url: str) -> str:
     """A storage URL fit to print: its password hidden."""
@@ -89,7 +95,7 @@ def open_storage(url: str, spec: SweepSpec | None = None) -> RDBStorage:
         kwargs.update(
             heartbeat_interval=spec.heartbeat_s,
             grace_period=spec.grace_s,
-            failed_trial_callback=RetryFailedTrialCallback(
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                 max_retry=spec.max_retry, inherit_intermediate_values=True
             ),
         )
@@ -137,8 +143,10 @@ def trial_arguments(spec: SweepSpec, params: dict[str, Any], run_name: str, outp
 
 
 def reproduce_command(spec: SweepSpec, trial: FrozenTrial, paths: SweepPaths) -> str:
-    """The plain experiment command that trains this trial again (no study, no pruning)."""
-    args = trial_arguments(spec, trial.params, trial_run_name(spec, trial), paths.output_dir)
+    """The plain experiment command that trains this trial again, in a new run directory
+    (no study, no pruning)."""
+    run_name = f"{trial_run_name(spec, trial)}-again"
+    args = trial_arguments(spec, trial.params, run_name, paths.output_dir)
     return shlex.join(["python", spec.experiment, *args])
 
 
@@ -173,6 +181,7 @@ class StudySetup:
     spec: SweepSpec
     paths: SweepPaths
     url: str
+    storage: RDBStorage
     study: optuna.Study
     space: list[ParamSpace]
     monitor: str
@@ -207,7 +216,7 @@ def open_study(spec: SweepSpec, *, create: bool = True) -> StudySetup:
         direction=direction,
         load_if_exists=True,
     )
-    return StudySetup(spec, paths, url, study, space, monitor, direction)
+    return StudySetup(spec, paths, url, storage, study, space, monitor, direction)
 
 
 class _Heartbeat:
@@ -268,8 +277,7 @@ class WorkerOutcome:
 def run_study(spec: SweepSpec, echo: Callable[[str], None] = print) -> WorkerOutcome:
     """Run trials of the study until it holds ``n_trials`` (all workers together)."""
     setup = open_study(spec)
-    study, storage = setup.study, setup.study._storage
-    assert isinstance(storage, RDBStorage)
+    study, storage = setup.study, setup.storage
     echo(
         f"[sweep] {spec.name}: Optuna study ({spec.method}, pruner {spec.pruner}, "
         f"{setup.direction} {setup.monitor}), {spec.n_trials} trials, storage {redact(setup.url)}"
@@ -332,9 +340,7 @@ def _run_trial(
         },
         output=str(run_dir),
     )
-    storage = setup.study._storage
-    assert isinstance(storage, RDBStorage)
-    with _Heartbeat(storage, trial._trial_id, spec.heartbeat_s):
+    with _Heartbeat(setup.storage, trial._trial_id, spec.heartbeat_s):
         [result] = run_tasks([task], skip_done=True, echo=echo)
     return result
 
@@ -350,7 +356,6 @@ def _tell(
     """Record a finished trial: complete with its value, pruned, or failed (False)."""
     study, spec = setup.study, setup.spec
     if result.status in ("ok", "skipped"):
-        storage = study._storage
         chain = {*trial.system_attrs.get("retry_history", []), trial.number}
         pruned_at = [
             t.system_attrs[PRUNED_ATTR]
@@ -368,9 +373,9 @@ def _tell(
             echo(f"[sweep] trial {trial.number}: complete, best {setup.monitor} {value:.6g}")
             return True
         message = f"no finite best_{setup.monitor.replace('/', '_')} in test_results.json"
-        storage.set_trial_user_attr(trial._trial_id, "message", message)
+        setup.storage.set_trial_user_attr(trial._trial_id, "message", message)
     else:
-        study._storage.set_trial_user_attr(trial._trial_id, "message", result.message)
+        setup.storage.set_trial_user_attr(trial._trial_id, "message", result.message)
         message = result.message
     study.tell(trial.number, state=TrialState.FAIL)
     echo(f"[sweep] trial {trial.number}: failed: {message}")

@@ -20,6 +20,7 @@ import sys
 import warnings
 
 import optuna
+from optuna.storages import RDBStorage
 
 from src.sweeps.optuna_space import make_pruner
 from src.sweeps.optuna_study import (
@@ -36,8 +37,8 @@ from src.trainers.evaluation_hooks import Evaluation, add_evaluation_hook
 class StudyReporter:
     """The hook: report each full epoch's monitored value, then ask the pruner."""
 
-    def __init__(self, study: optuna.Study, trial_id: int) -> None:
-        self.study, self.trial_id = study, trial_id
+    def __init__(self, study: optuna.Study, storage: RDBStorage, trial_id: int) -> None:
+        self.storage, self.trial_id = storage, trial_id
         self.trial = optuna.trial.Trial(study, trial_id)
 
     def __call__(self, evaluation: Evaluation) -> bool:
@@ -48,7 +49,7 @@ class StudyReporter:
             self.trial.report(evaluation.value, evaluation.epoch)
         if not self.trial.should_prune():
             return False
-        self.study._storage.set_trial_system_attr(self.trial_id, PRUNED_ATTR, evaluation.epoch)
+        self.storage.set_trial_system_attr(self.trial_id, PRUNED_ATTR, evaluation.epoch)
         return True
 
 
@@ -61,7 +62,7 @@ def attach(environ: dict[str, str]) -> StudyReporter:
         storage=storage,
         pruner=make_pruner(pruner_settings["name"], pruner_settings["args"]),
     )
-    reporter = StudyReporter(study, int(environ[TRIAL_ID_ENV]))
+    reporter = StudyReporter(study, storage, int(environ[TRIAL_ID_ENV]))
     add_evaluation_hook(reporter)
     return reporter
 
@@ -69,7 +70,6 @@ def attach(environ: dict[str, str]) -> StudyReporter:
 def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit("usage: python -m src.sweeps.optuna_trial EXPERIMENT [args...]")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     attach(dict(os.environ))
     sys.argv = list(argv)  # the experiment reads its own command line
     runpy.run_path(argv[0], run_name="__main__")

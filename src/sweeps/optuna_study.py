@@ -21,6 +21,7 @@ several machines share. Each worker loops until the study holds ``n_trials`` tri
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -86,8 +87,18 @@ def storage_url(spec: SweepSpec, paths: SweepPaths) -> str:
     return f"sqlite:///{paths.summary_dir / STUDY_FILE}"
 
 
+def with_driver(url: str) -> str:
+    """``postgresql://`` with the driver that is installed: SQLAlchemy 2.1 means psycopg 3,
+    requirements-dev.txt installs psycopg2-binary."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres") or importlib.util.find_spec("psycopg"):
+        return url
+    return f"postgresql+psycopg2{sep}{rest}" if importlib.util.find_spec("psycopg2") else url
+
+
 def open_storage(url: str, spec: SweepSpec | None = None) -> RDBStorage:
     """The study's database. With ``spec``: heartbeats and the retry of vanished trials."""
+    url = with_driver(url)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # workers and trials share it

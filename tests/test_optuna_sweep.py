@@ -1,0 +1,271 @@
+"""Optuna sweeps (src/sweeps/optuna_*.py) with real processes on the template experiment.
+
+A learning rate of 4.0 diverges (validation loss in the thousands after one epoch), 0.003
+learns; ``trainer.log_every_n_steps`` changes nothing in the weights, so two good settings
+report identical values and never prune each other. Trials are 4 short epochs on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from src.common.signals import EXIT_INTERRUPTED
+from src.config import ConfigError
+from src.sweeps.hparam import expand_trials, load_sweep, uses_optuna
+from src.sweeps.optuna_study import open_storage
+from tests.support.experiment import experiment_env, newest_checkpoint_step, run_experiment
+from tests.support.postgres import postgres_bin, postgres_server
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "scripts" / "sweep.py"
+GOOD_LR, BAD_LR = 0.003, 4.0
+EPOCHS = 4
+TRIAL_OVERRIDES = [
+    f"trainer.max_epochs={EPOCHS}",
+    "data.num_samples=1024",
+    "trainer.early_stopping_patience=0",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.async_save=false",
+    "logging.tensorboard=false",
+    "trainer.progress_bar=false",
+]
+SPACE = {"optim.lr": [GOOD_LR, BAD_LR], "trainer.log_every_n_steps": [5, 7]}
+
+
+def write_sweep(tmp_path: Path, **sweep: object) -> Path:
+    settings = {
+        "name": "opt",
+        "experiment": "experiments/template_experiment.py",
+        "output_dir": str(tmp_path / "out"),
+        "overrides": TRIAL_OVERRIDES,
+        "parameters": SPACE,
+        **sweep,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"sweep": settings}, sort_keys=False))
+    return path
+
+
+def start_sweep(config: Path, *overrides: str, env: dict[str, str] | None = None):
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--config", str(config), *overrides],
+        cwd=REPO_ROOT,
+        env=env or experiment_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def run_sweep(config: Path, *overrides: str, timeout: float = 240) -> tuple[int, str]:
+    process = start_sweep(config, *overrides)
+    out, _ = process.communicate(timeout=timeout)
+    return process.returncode, out
+
+
+def wait_until(condition, what: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"sweep ended before {what}:\n{process.communicate()[0]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def load_study(tmp_path: Path, name: str = "opt", url: str | None = None) -> optuna.Study:
+    url = url or f"sqlite:///{tmp_path / 'out' / 'sweeps' / name / 'study.db'}"
+    return optuna.load_study(study_name=name, storage=open_storage(url))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "final_model.pt", map_location="cpu")
+
+
+def test_tpe_median_prunes_diverging_trials_and_sigterm_resumes_the_same_trial(
+    tmp_path: Path,
+) -> None:
+    # Seed 6 draws good, bad, bad, bad, good: the bad ones come after a complete good trial
+    # (pruned at their first evaluation) and trial 4, good, is the one stopped.
+    config = write_sweep(
+        tmp_path,
+        method="tpe",
+        n_trials=5,
+        seed=6,
+        pruner="median",
+        pruner_args={"n_startup_trials": 1, "n_warmup_steps": 0},
+    )
+    out_dir = tmp_path / "out"
+    sweep = start_sweep(config)
+    stopped = out_dir / "opt_trial4"
+    wait_until(lambda: newest_checkpoint_step(stopped) >= 2, "trial 4 checkpoints", sweep)
+    os.killpg(sweep.pid, signal.SIGTERM)
+    first_out, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode == EXIT_INTERRUPTED, first_out
+    assert "trial 4: back to waiting" in first_out
+    before = {t.number: t for t in load_study(tmp_path).trials}
+    assert before[4].state == optuna.trial.TrialState.WAITING
+    finished = {n: (out_dir / f"opt_trial{n}" / "test_results.json") for n in range(4)}
+    mtimes = {n: path.stat().st_mtime_ns for n, path in finished.items()}
+
+    code, out = run_sweep(config)
+    assert code == 0, out
+    assert "trial 4 (resumed)" in out
+    log = (out_dir / "sweeps" / "opt" / "logs" / "opt_trial4.log").read_text()
+    assert "resuming from" in log, log
+    assert {n: path.stat().st_mtime_ns for n, path in finished.items()} == mtimes  # untouched
+
+    trials = load_study(tmp_path).trials
+    assert len(trials) == 5  # the stopped trial came back as itself, not as a sixth
+    states = {t.number: t.state for t in trials}
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(t.params["optim.lr"] == BAD_LR for t in pruned), states
+    for trial in pruned:
+        results = json.loads(
+            (out_dir / f"opt_trial{trial.number}" / "test_results.json").read_text()
+        )
+        assert results["epochs"] < EPOCHS  # stopped at an evaluation, before the last epoch
+        assert max(trial.intermediate_values) == results["epochs"]
+    resumed = trials[4]
+    assert resumed.state == optuna.trial.TrialState.COMPLETE
+    assert resumed.params == before[4].params
+    assert sorted(resumed.intermediate_values) == list(range(1, EPOCHS + 1))
+    best = load_study(tmp_path).best_trial
+    assert best.params["optim.lr"] == GOOD_LR
+
+    # The resumed trial ends where an uninterrupted run of its parameters ends.
+    params = [f"{key}={value}" for key, value in resumed.params.items()]
+    reference = run_experiment(
+        [*TRIAL_OVERRIDES, *params, "run_name=reference", f"paths.output_dir={out_dir}"]
+    )
+    assert reference.returncode == 0, reference.stderr
+    resumed_weights = final_weights(stopped)
+    for name, tensor in final_weights(out_dir / "reference").items():
+        assert torch.equal(tensor, resumed_weights[name]), name
+
+    # The report: table, best and its command, importances, plots.
+    summary_dir = out_dir / "sweeps" / "opt"
+    summary = json.loads((summary_dir / "summary.json").read_text())
+    assert [row["number"] for row in summary["trials"]] == [0, 1, 2, 3, 4]
+    assert {row["state"] for row in summary["trials"]} == {"complete", "pruned"}
+    assert all(row["epochs"] is not None for row in summary["trials"])
+    assert summary["best"]["params"]["optim.lr"] == GOOD_LR
+    assert "python experiments/template_experiment.py" in summary["best"]["command"]
+    assert f"best: trial {best.number}" in out and "reproduce: python " in out
+    assert "importance (fANOVA): " in out and set(summary["importances"]) == set(SPACE)
+    for plot in ("optimization_history", "parallel_coordinate", "param_importances"):
+        assert (summary_dir / "plots" / f"{plot}.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL not installed")
+def test_two_workers_share_a_postgresql_study_and_a_vanished_worker_trial_is_retried(
+    tmp_path: Path,
+) -> None:
+    with postgres_server() as url:
+        config = write_sweep(
+            tmp_path,
+            method="random",
+            n_trials=3,
+            seed=1,
+            pruner="none",
+            storage=url,
+            heartbeat_s=1,
+            grace_s=3,
+            parameters={"optim.lr": [GOOD_LR, 0.01], "model.hidden_dim": [16, 32]},
+        )
+        out_dir = tmp_path / "out"
+        first = start_sweep(config)
+        wait_until(
+            lambda: newest_checkpoint_step(out_dir / "opt_trial0") >= 2, "trial 0 starts", first
+        )
+        second = start_sweep(config)
+        os.kill(first.pid, signal.SIGKILL)  # the worker vanishes; its trial saves and exits
+        first_out, _ = first.communicate(timeout=60)
+        second_out, _ = second.communicate(timeout=240)
+        assert second.returncode == 0, second_out
+
+        trials = load_study(tmp_path, url=url).trials
+        states = [t.state for t in trials]
+        counted = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(counted) == 3, states
+        failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+        assert [t.number for t in failed] == [0]  # stale after the heartbeat grace
+        retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
+        assert retry.state == optuna.trial.TrialState.COMPLETE
+        assert retry.params == failed[0].params
+        log = (out_dir / "sweeps" / "opt" / "logs" / "opt_trial0.log").read_text()
+        assert "resuming from" in log  # the retry went on from the vanished worker's checkpoint
+
+        def ran(out: str) -> list[int]:
+            return [
+                int(line.split()[2].rstrip(":"))
+                for line in out.splitlines()
+                if line.startswith("[sweep] trial ")
+                and line.split()[3] != "(resumed):"
+                and ": complete" not in line
+                and ": failed" not in line
+                and ": back to" not in line
+                and ": pruned" not in line
+            ]
+
+        assert set(ran(first_out)) == {0}
+        assert 0 not in ran(second_out)
+        runs = [out_dir / f"opt_trial{n}" for n in (1, 2, 0)]
+        assert all((run / "test_results.json").exists() for run in runs)
+        assert len(list(out_dir.glob("opt_trial*"))) == 3  # no trial ran in a second directory
+
+
+def test_old_grid_and_random_configs_still_take_the_plain_path(tmp_path: Path) -> None:
+    random_config = write_sweep(
+        tmp_path,
+        method="random",
+        num_trials=3,
+        parameters={"optim.lr": {"min": 1e-4, "max": 1e-2, "log": True}, "x": [1, 2]},
+    )
+    spec = load_sweep(random_config)
+    assert not uses_optuna(spec)
+    assert len(expand_trials(spec)) == 3
+    code, out = run_sweep(write_sweep(tmp_path, parameters={"optim.lr": [0.001]}), "--dry-run")
+    assert code == 0, out
+    assert "[dry-run] opt_optim.lr=0.001:" in out and "Optuna" not in out
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        (
+            {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "lgo": True}},
+            "sweep.parameters.optim.lr: unknown key 'lgo'",
+        ),
+        (
+            {"optim.lr": {"type": "float", "low": 0.1, "high": 0.01}},
+            "sweep.parameters.optim.lr: low 0.1 > high 0.01",
+        ),
+        (
+            {"model.hidden_dim": {"type": "categorical", "choices": [16]}},
+            "sweep.parameters.model.hidden_dim: a categorical needs at least two choices",
+        ),
+    ],
+)
+def test_bad_space_is_one_line_exit_2_and_nothing_started(
+    tmp_path: Path, parameters: dict, message: str
+) -> None:
+    config = write_sweep(tmp_path, method="tpe", n_trials=3, parameters=parameters)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(config)
+    code, out = run_sweep(config)
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: ") and message in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -96,38 +96,38 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_tpe_median_prunes_diverging_trials_and_sigterm_resumes_the_same_trial(
     tmp_path: Path,
 ) -> None:
-    # Seed 6 draws good, bad, bad, bad, good: the bad ones come after a complete good trial
-    # (pruned at their first evaluation) and trial 4, good, is the one stopped.
+    # Seed 11 draws good, bad, good: the bad one comes after a complete good trial (pruned at
+    # its first evaluation) and trial 2, good, is the one stopped.
     config = write_sweep(
         tmp_path,
         method="tpe",
-        n_trials=5,
-        seed=6,
+        n_trials=3,
+        seed=11,
         pruner="median",
         pruner_args={"n_startup_trials": 1, "n_warmup_steps": 0},
     )
     out_dir = tmp_path / "out"
     sweep = start_sweep(config)
-    stopped = out_dir / "opt_trial4"
-    wait_until(lambda: newest_checkpoint_step(stopped) >= 2, "trial 4 checkpoints", sweep)
+    stopped = out_dir / "opt_trial2"
+    wait_until(lambda: newest_checkpoint_step(stopped) >= 2, "trial 2 checkpoints", sweep)
     os.killpg(sweep.pid, signal.SIGTERM)
     first_out, _ = sweep.communicate(timeout=120)
     assert sweep.returncode == EXIT_INTERRUPTED, first_out
-    assert "trial 4: back to waiting" in first_out
+    assert "trial 2: back to waiting" in first_out
     before = {t.number: t for t in load_study(tmp_path).trials}
-    assert before[4].state == optuna.trial.TrialState.WAITING
-    finished = {n: (out_dir / f"opt_trial{n}" / "test_results.json") for n in range(4)}
+    assert before[2].state == optuna.trial.TrialState.WAITING
+    finished = {n: (out_dir / f"opt_trial{n}" / "test_results.json") for n in range(2)}
     mtimes = {n: path.stat().st_mtime_ns for n, path in finished.items()}
 
     code, out = run_sweep(config)
     assert code == 0, out
-    assert "trial 4 (resumed)" in out
-    log = (out_dir / "sweeps" / "opt" / "logs" / "opt_trial4.log").read_text()
+    assert "trial 2 (resumed)" in out
+    log = (out_dir / "sweeps" / "opt" / "logs" / "opt_trial2.log").read_text()
     assert "resuming from" in log, log
     assert {n: path.stat().st_mtime_ns for n, path in finished.items()} == mtimes  # untouched
 
     trials = load_study(tmp_path).trials
-    assert len(trials) == 5  # the stopped trial came back as itself, not as a sixth
+    assert len(trials) == 3  # the stopped trial came back as itself, not as a fourth
     states = {t.number: t.state for t in trials}
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned and all(t.params["optim.lr"] == BAD_LR for t in pruned), states
@@ -137,9 +137,9 @@ def test_tpe_median_prunes_diverging_trials_and_sigterm_resumes_the_same_trial(
         )
         assert results["epochs"] < EPOCHS  # stopped at an evaluation, before the last epoch
         assert max(trial.intermediate_values) == results["epochs"]
-    resumed = trials[4]
+    resumed = trials[2]
     assert resumed.state == optuna.trial.TrialState.COMPLETE
-    assert resumed.params == before[4].params
+    assert resumed.params == before[2].params
     assert sorted(resumed.intermediate_values) == list(range(1, EPOCHS + 1))
     best = load_study(tmp_path).best_trial
     assert best.params["optim.lr"] == GOOD_LR
@@ -157,15 +157,16 @@ def test_tpe_median_prunes_diverging_trials_and_sigterm_resumes_the_same_trial(
     # The report: table, best and its command, importances, plots.
     summary_dir = out_dir / "sweeps" / "opt"
     summary = json.loads((summary_dir / "summary.json").read_text())
-    assert [row["number"] for row in summary["trials"]] == [0, 1, 2, 3, 4]
+    assert [row["number"] for row in summary["trials"]] == [0, 1, 2]
     assert {row["state"] for row in summary["trials"]} == {"complete", "pruned"}
     assert all(row["epochs"] is not None for row in summary["trials"])
     assert summary["best"]["params"]["optim.lr"] == GOOD_LR
     assert "python experiments/template_experiment.py" in summary["best"]["command"]
     assert f"best: trial {best.number}" in out and "reproduce: python " in out
-    assert "importance (fANOVA): " in out and set(summary["importances"]) == set(SPACE)
-    for plot in ("optimization_history", "parallel_coordinate", "param_importances"):
+    for plot in ("optimization_history", "parallel_coordinate"):
         assert (summary_dir / "plots" / f"{plot}.png").stat().st_size > 1000
+    # Both complete trials scored the same: no variance to explain, and the report says so.
+    assert "note: no parameter importances yet: " in out
 
 
 @pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL not installed")
@@ -176,7 +177,7 @@ def test_two_workers_share_a_postgresql_study_and_a_vanished_worker_trial_is_ret
         config = write_sweep(
             tmp_path,
             method="random",
-            n_trials=3,
+            n_trials=2,
             seed=1,
             pruner="none",
             storage=url,
@@ -198,7 +199,7 @@ def test_two_workers_share_a_postgresql_study_and_a_vanished_worker_trial_is_ret
         trials = load_study(tmp_path, url=url).trials
         states = [t.state for t in trials]
         counted = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        assert len(counted) == 3, states
+        assert len(counted) == 2, states
         failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
         assert [t.number for t in failed] == [0]  # stale after the heartbeat grace
         retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
@@ -221,9 +222,14 @@ def test_two_workers_share_a_postgresql_study_and_a_vanished_worker_trial_is_ret
 
         assert set(ran(first_out)) == {0}
         assert 0 not in ran(second_out)
-        runs = [out_dir / f"opt_trial{n}" for n in (1, 2, 0)]
+        runs = [out_dir / f"opt_trial{n}" for n in (1, 0)]
         assert all((run / "test_results.json").exists() for run in runs)
-        assert len(list(out_dir.glob("opt_trial*"))) == 3  # no trial ran in a second directory
+        assert len(list(out_dir.glob("opt_trial*"))) == 2  # no trial ran in a second directory
+        summary_dir = out_dir / "sweeps" / "opt"
+        summary = json.loads((summary_dir / "summary.json").read_text())
+        assert set(summary["importances"]) == {"optim.lr", "model.hidden_dim"}
+        assert "importance (fANOVA): " in second_out
+        assert (summary_dir / "plots" / "param_importances.png").stat().st_size > 1000
 
 
 def test_old_grid_and_random_configs_still_take_the_plain_path(tmp_path: Path) -> None:

@@ -209,7 +209,7 @@ def open_study(spec: SweepSpec, *, create: bool = True) -> StudySetup:
     # Re-seeded by the trials already there: a re-run or a second worker does not draw the
     # first trials' parameters again.
     existing = {s.study_name: s for s in storage.get_all_studies()}.get(spec.name)
-    seed = spec.seed + (existing.n_trials if existing is not None else 0)
+    seed = spec.seed + (storage.get_n_trials(existing._study_id) if existing is not None else 0)
     sampler = make_sampler(spec.method, space, seed, dict(spec.sampler_args))
     pruner = make_pruner(spec.pruner, dict(spec.pruner_args))
     if existing is not None and existing.direction.name.lower() != direction:
@@ -333,7 +333,10 @@ def _run_trial(
     spec, paths = setup.spec, setup.paths
     run_name = trial_run_name(spec, trial)
     run_dir = paths.output_dir / run_name
-    again = " (resumed)" if trial.number in _seen_numbers(trial) else ""
+    started = RunLayout(run_dir).checkpoints.is_dir() and any(
+        RunLayout(run_dir).checkpoints.iterdir()
+    )
+    again = " (resumed)" if started else ""
     shown = ", ".join(f"{key}={format_value(value)}" for key, value in params.items())
     echo(f"[sweep] trial {trial.number}{again}: {shown}")
     command = [sys.executable, "-m", "src.sweeps.optuna_trial", str(experiment_path(spec))]
@@ -354,11 +357,6 @@ def _run_trial(
     with _Heartbeat(setup.storage, trial._trial_id, spec.heartbeat_s):
         [result] = run_tasks([task], skip_done=True, echo=echo)
     return result
-
-
-def _seen_numbers(trial: FrozenTrial) -> set[int]:
-    """A trial that reported before (an interrupted or retried one) is being resumed."""
-    return {trial.number} if trial.intermediate_values else set()
 
 
 def _tell(

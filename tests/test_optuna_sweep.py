@@ -268,3 +268,29 @@ def test_bad_space_is_one_line_exit_2_and_nothing_started(
     lines = out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: ") and message in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["tpe", "random", "grid", "cmaes"])
+@pytest.mark.parametrize("pruner", ["median", "hyperband", "none"])
+def test_every_sampler_and_pruner_is_accepted(tmp_path: Path, method: str, pruner: str) -> None:
+    spec = load_sweep(write_sweep(tmp_path, method=method, pruner=pruner, n_trials=2))
+    assert uses_optuna(spec)
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ({"method": "tpe"}, "sweep.n_trials must be >= 1"),
+        ({"pruner": "sometimes"}, "sweep.pruner is 'sometimes'"),
+        ({"pruner_args": {"n_startup": 1}}, "sweep.pruner_args for median: "),
+        ({"method": "grid", "parameters": {"optim.lr": {"low": 0.1, "high": 1}}}, "grid search"),
+        ({"parameters": {"optim.lr": {"low": 0, "high": 1, "log": True}}}, "needs low > 0"),
+        ({"gpus": [0, 1]}, "start one sweep.py per GPU"),
+    ],
+)
+def test_bad_study_settings_name_the_key(tmp_path: Path, sweep: dict, message: str) -> None:
+    settings = {"n_trials": 2, **sweep}
+    if sweep.get("method") == "tpe":
+        settings.pop("n_trials")
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write_sweep(tmp_path, **settings))

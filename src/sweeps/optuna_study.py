@@ -294,13 +294,16 @@ def run_study(spec: SweepSpec, echo: Callable[[str], None] = print) -> WorkerOut
         f"{setup.direction} {setup.monitor}), {spec.n_trials} trials, storage {redact(setup.url)}"
     )
     outcome = WorkerOutcome(setup, [], False, False)
+    target = spec.n_trials
+    if spec.method == "grid":  # every point once at most
+        target = min(target, math.prod(len(param.choices) for param in setup.space))
     waiting_said = False
     with _stop_flag() as stop:
         while not stop:
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             has_waiting = any(t.state == TrialState.WAITING for t in trials)
-            if not has_waiting and len(counted_trials(trials)) >= spec.n_trials:
+            if not has_waiting and len(counted_trials(trials)) >= target:
                 running = [t.number for t in trials if t.state == TrialState.RUNNING]
                 if not running:
                     break
@@ -372,13 +375,13 @@ def _tell(
             if t.number in chain and PRUNED_ATTR in t.system_attrs
         ]
         if pruned_at:
-            study.tell(trial.number, state=TrialState.PRUNED)
+            _tell_quietly(study, trial.number, state=TrialState.PRUNED)
             echo(f"[sweep] trial {trial.number}: pruned at epoch {pruned_at[0]}")
             return True
         run_dir = setup.paths.output_dir / trial_run_name(spec, trial)
         value = objective_value(trial_results(run_dir), setup.monitor)
         if value is not None:
-            study.tell(trial.number, value)
+            _tell_quietly(study, trial.number, values=value)
             echo(f"[sweep] trial {trial.number}: complete, best {setup.monitor} {value:.6g}")
             return True
         message = f"no finite best_{setup.monitor.replace('/', '_')} in test_results.json"
@@ -386,6 +389,16 @@ def _tell(
     else:
         setup.storage.set_trial_user_attr(trial._trial_id, "message", result.message)
         message = result.message
-    study.tell(trial.number, state=TrialState.FAIL)
+    _tell_quietly(study, trial.number, state=TrialState.FAIL)
     echo(f"[sweep] trial {trial.number}: failed: {message}")
     return False
+
+
+def _tell_quietly(study: optuna.Study, number: int, **outcome: Any) -> None:
+    """``study.tell``, where the grid sampler's "every point taken" stop request (meant for
+    ``study.optimize``) is no error: the trial's state is stored before it is raised."""
+    try:
+        study.tell(number, **outcome)
+    except RuntimeError as error:
+        if "Study.stop" not in str(error):
+            raise

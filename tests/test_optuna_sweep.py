@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -25,7 +24,12 @@ from src.common.signals import EXIT_INTERRUPTED
 from src.config import ConfigError
 from src.sweeps.hparam import expand_trials, load_sweep, uses_optuna
 from src.sweeps.optuna_study import first_number, open_storage
-from tests.support.experiment import experiment_env, newest_checkpoint_step, run_experiment
+from tests.support.experiment import (
+    experiment_env,
+    newest_checkpoint_step,
+    run_experiment,
+    wait_until,
+)
 from tests.support.postgres import postgres_bin, postgres_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,15 +78,6 @@ def run_sweep(config: Path, *overrides: str, timeout: float = 240) -> tuple[int,
     process = start_sweep(config, *overrides)
     out, _ = process.communicate(timeout=timeout)
     return process.returncode, out
-
-
-def wait_until(condition, what: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"sweep ended before {what}:\n{process.communicate()[0]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def load_study(tmp_path: Path, name: str = "opt", url: str | None = None) -> optuna.Study:

@@ -105,13 +105,15 @@ def test_tpe_median_prunes_diverging_trials_and_sigterm_resumes_the_same_trial(
     out_dir = tmp_path / "out"
     sweep = start_sweep(config)
     stopped = out_dir / "opt_trial2"
-    wait_until(lambda: newest_checkpoint_step(stopped) >= 2, "trial 2 checkpoints", sweep)
+    # 13 steps an epoch: past step 14 the first epoch is evaluated and reported.
+    wait_until(lambda: newest_checkpoint_step(stopped) >= 14, "trial 2's second epoch", sweep)
     os.killpg(sweep.pid, signal.SIGTERM)
     first_out, _ = sweep.communicate(timeout=120)
     assert sweep.returncode == EXIT_INTERRUPTED, first_out
     assert "trial 2: back to waiting" in first_out
     before = {t.number: t for t in load_study(tmp_path).trials}
     assert before[2].state == optuna.trial.TrialState.WAITING
+    assert list(before[2].intermediate_values) == [1]
     finished = {n: (out_dir / f"opt_trial{n}" / "test_results.json") for n in range(2)}
     mtimes = {n: path.stat().st_mtime_ns for n, path in finished.items()}
 
@@ -137,6 +139,7 @@ def test_tpe_median_prunes_diverging_trials_and_sigterm_resumes_the_same_trial(
     assert resumed.state == optuna.trial.TrialState.COMPLETE
     assert resumed.params == before[2].params
     assert sorted(resumed.intermediate_values) == list(range(1, EPOCHS + 1))
+    assert resumed.intermediate_values[1] == before[2].intermediate_values[1]  # kept
     best = load_study(tmp_path).best_trial
     assert best.params["optim.lr"] == GOOD_LR
 

@@ -185,11 +185,13 @@ def test_two_workers_share_a_postgresql_study_and_a_vanished_worker_trial_is_ret
             parameters={"optim.lr": [GOOD_LR, 0.01], "model.hidden_dim": [16, 32]},
         )
         out_dir = tmp_path / "out"
-        first = start_sweep(config)
+        # Two machines as the study sees them: a worker takes back at once only the trials of
+        # its own machine's dead workers; another machine's wait for the heartbeat grace.
+        first = start_sweep(config, env=experiment_env(SWEEP_MACHINE_ID="machine-a"))
         wait_until(
             lambda: newest_checkpoint_step(out_dir / "opt_trial0") >= 2, "trial 0 starts", first
         )
-        second = start_sweep(config)
+        second = start_sweep(config, env=experiment_env(SWEEP_MACHINE_ID="machine-b"))
         os.kill(first.pid, signal.SIGKILL)  # the worker vanishes; its trial saves and exits
         first_out, _ = first.communicate(timeout=60)
         second_out, _ = second.communicate(timeout=240)
@@ -294,3 +296,32 @@ def test_bad_study_settings_name_the_key(tmp_path: Path, sweep: dict, message: s
         settings.pop("n_trials")
     with pytest.raises(ConfigError, match=message):
         load_sweep(write_sweep(tmp_path, **settings))
+
+
+def test_sigkilled_sweep_rerun_resumes_its_trial_under_the_same_number(tmp_path: Path) -> None:
+    """The stand-in trial (tests/support/sweep_fake_trial.py) reports nothing and starts fast."""
+    config = write_sweep(
+        tmp_path,
+        experiment="tests/support/sweep_fake_trial.py",
+        method="random",
+        n_trials=2,
+        pruner="none",
+        parameters={"x": [0.5, 2.0]},
+        overrides=["steps=40", "step_seconds=0.03"],
+    )
+    sweep = start_sweep(config)
+    first_run = tmp_path / "out" / "opt_trial0"
+    wait_until(lambda: (first_run / "progress.json").exists(), "trial 0 starts", sweep)
+    os.killpg(sweep.pid, signal.SIGKILL)  # the worker dies; its trial gets SIGTERM and saves
+    sweep.communicate(timeout=30)
+
+    code, out = run_sweep(config)  # at once: no heartbeat grace for this machine's own trial
+    assert code == 0, out
+    assert "trial 0: its worker" in out and "trial 0 (resumed)" in out
+    trials = load_study(tmp_path).trials
+    assert [t.number for t in trials] == [0, 1]
+    assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
+    lines = (first_run / "attempts.jsonl").read_text().splitlines()
+    interrupted, resumed = (json.loads(line) for line in lines)
+    assert interrupted["exit"] == EXIT_INTERRUPTED
+    assert resumed["first_step"] == interrupted["last_step"] and resumed["exit"] == 0

@@ -28,6 +28,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
@@ -65,6 +66,8 @@ TRIAL_STUDY_ENV = "SWEEP_OPTUNA_STUDY"
 TRIAL_ID_ENV = "SWEEP_OPTUNA_TRIAL_ID"
 TRIAL_PRUNER_ENV = "SWEEP_OPTUNA_PRUNER"  # JSON: {"name": ..., "args": {...}}
 PRUNED_ATTR = "sweep:pruned_at_epoch"  # set by the trial process when it prunes
+WORKER_ATTR = "sweep:worker"  # {"machine", "pid"} of the worker running the trial
+MACHINE_ENV = "SWEEP_MACHINE_ID"  # names this machine; default: its hostname
 WAIT_SECONDS = 0.2
 
 # Heartbeats and the retry callback are marked experimental; the sweep prints its own lines.
@@ -300,6 +303,7 @@ def run_study(spec: SweepSpec, echo: Callable[[str], None] = print) -> WorkerOut
     waiting_said = False
     with _stop_flag() as stop:
         while not stop:
+            _reclaim_orphans(setup, study.get_trials(deepcopy=False), echo)
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             has_waiting = any(t.state == TrialState.WAITING for t in trials)
@@ -314,6 +318,8 @@ def run_study(spec: SweepSpec, echo: Callable[[str], None] = print) -> WorkerOut
                 continue
             trial = study.ask()
             storage.record_heartbeat(trial._trial_id)  # at once: a retried trial's is old
+            worker = {"machine": machine_id(), "pid": os.getpid()}
+            storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker)
             params = {param.name: param.suggest(trial) for param in setup.space}
             frozen = storage.get_trial(trial._trial_id)
             result = _run_trial(setup, frozen, params, echo)
@@ -330,16 +336,53 @@ def run_study(spec: SweepSpec, echo: Callable[[str], None] = print) -> WorkerOut
     return outcome
 
 
+def machine_id() -> str:
+    return os.environ.get(MACHINE_ENV) or socket.gethostname()
+
+
+def _worker_alive(pid: int) -> bool:
+    """Is the sweep worker ``pid`` still running (not a process that reused its id)?"""
+    try:
+        return b"sweep" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: any process with that id counts as alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _reclaim_orphans(
+    setup: StudySetup, trials: list[FrozenTrial], echo: Callable[[str], None]
+) -> None:
+    """A running trial whose worker was on this machine and is gone (SIGKILL, a crash) goes
+    back to WAITING at once, so a re-run resumes it under its own number; another machine's
+    trial waits for its heartbeat to go stale (then the retry callback takes it)."""
+    here = machine_id()
+    for trial in trials:
+        worker = trial.system_attrs.get(WORKER_ATTR)
+        if trial.state != TrialState.RUNNING or not isinstance(worker, dict):
+            continue
+        if worker.get("machine") != here or worker.get("pid") == os.getpid():
+            continue
+        if _worker_alive(int(worker["pid"])):
+            continue
+        latest = setup.storage.get_trial(trial._trial_id)  # no other re-run took it meanwhile
+        if latest.state == TrialState.RUNNING and latest.system_attrs.get(WORKER_ATTR) == worker:
+            setup.storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+            pid = worker["pid"]
+            echo(f"[sweep] trial {trial.number}: its worker (pid {pid}) is gone; resuming it")
+
+
 def _run_trial(
     setup: StudySetup, trial: FrozenTrial, params: dict[str, Any], echo: Callable[[str], None]
 ) -> TaskResult:
     spec, paths = setup.spec, setup.paths
     run_name = trial_run_name(spec, trial)
     run_dir = paths.output_dir / run_name
-    started = RunLayout(run_dir).checkpoints.is_dir() and any(
-        RunLayout(run_dir).checkpoints.iterdir()
-    )
-    again = " (resumed)" if started else ""
+    again = " (resumed)" if run_dir.is_dir() else ""  # an earlier attempt started it
     shown = ", ".join(f"{key}={format_value(value)}" for key, value in params.items())
     echo(f"[sweep] trial {trial.number}{again}: {shown}")
     command = [sys.executable, "-m", "src.sweeps.optuna_trial", str(experiment_path(spec))]

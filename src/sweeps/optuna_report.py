@@ -20,19 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import optuna
+from optuna.trial import TrialState
 
-matplotlib.use("Agg")  # files only: no display on a rented GPU box
-
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import optuna  # noqa: E402
-from optuna.importance import FanovaImportanceEvaluator  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
-
-from src.common.atomic_io import atomic_write_bytes  # noqa: E402
-from src.runs.files import write_json  # noqa: E402
-from src.runs.layout import RunLayout  # noqa: E402
-from src.sweeps.optuna_study import (  # noqa: E402
+from src.common.atomic_io import atomic_write_bytes
+from src.runs.files import write_json
+from src.runs.layout import RunLayout
+from src.sweeps.optuna_study import (
     StudySetup,
     first_number,
     redact,
@@ -40,7 +34,7 @@ from src.sweeps.optuna_study import (  # noqa: E402
     trial_results,
     trial_run_name,
 )
-from src.sweeps.runner import format_table  # noqa: E402
+from src.sweeps.runner import format_table
 
 PLOTS = ("optimization_history", "parallel_coordinate", "param_importances")
 
@@ -103,6 +97,10 @@ def trial_rows(setup: StudySetup) -> list[dict[str, Any]]:
 
 
 def _importances(study: optuna.Study, seed: int, notes: list[str]) -> dict[str, float]:
+    # Imported here, like matplotlib in _plots: scikit-learn (fANOVA) takes about 2 s to
+    # import, which every grid/random sweep and every trial process would pay for nothing.
+    from optuna.importance import FanovaImportanceEvaluator
+
     try:
         evaluator = FanovaImportanceEvaluator(seed=seed)
         importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
@@ -113,7 +111,13 @@ def _importances(study: optuna.Study, seed: int, notes: list[str]) -> dict[str, 
 
 
 def _plots(study: optuna.Study, seed: int, plot_dir: Path, notes: list[str]) -> list[Path]:
-    from_matplotlib = optuna.visualization.matplotlib
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a rented GPU box
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as from_matplotlib
+    from optuna.importance import FanovaImportanceEvaluator
+
     draw = {
         "optimization_history": lambda: from_matplotlib.plot_optimization_history(study),
         "parallel_coordinate": lambda: from_matplotlib.plot_parallel_coordinate(study),

@@ -15,7 +15,9 @@ several machines share. Each worker loops until the study holds ``n_trials`` tri
   checkpoint.
 - A trial stopped by SIGTERM/Ctrl-C (checkpoint saved, exit 75) goes back to WAITING: the
   next ``study.ask()`` of any worker (a re-run of this one first) takes it again, as the
-  same trial with its number, parameters and earlier reports, and it resumes.
+  same trial with its number, parameters and earlier reports, and it resumes. So does a
+  trial whose worker was SIGKILLed, once a worker on the same machine sees that process
+  gone (each trial records its worker's machine and pid).
 - ``study.ask()`` takes WAITING trials under a row lock, so two workers never run one trial.
 """
 

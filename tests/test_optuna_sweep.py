@@ -7,12 +7,14 @@ report identical values and never prune each other. Trials are 4 short epochs on
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import optuna
@@ -168,7 +170,10 @@ def test_tpe_median_prunes_diverging_trials_and_sigterm_resumes_the_same_trial(
     assert "note: no parameter importances yet: " in out
 
 
-@pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL not installed")
+@pytest.mark.skipif(
+    postgres_bin() is None or not (find_spec("psycopg2") or find_spec("psycopg")),
+    reason="PostgreSQL or its Python driver not installed (setup/install_test_deps.sh)",
+)
 def test_two_workers_share_a_postgresql_study_and_a_vanished_worker_trial_is_retried(
     tmp_path: Path,
 ) -> None:
@@ -325,3 +330,11 @@ def test_sigkilled_sweep_rerun_resumes_its_trial_under_the_same_number(tmp_path:
     interrupted, resumed = (json.loads(line) for line in lines)
     assert interrupted["exit"] == EXIT_INTERRUPTED
     assert resumed["first_step"] == interrupted["last_step"] and resumed["exit"] == 0
+
+
+def test_the_trainer_imports_no_search_library() -> None:
+    for path in sorted((REPO_ROOT / "src" / "trainers").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [alias.name for alias in node.names] + [getattr(node, "module", "") or ""]
+                assert not any(name.split(".")[0] == "optuna" for name in names), path

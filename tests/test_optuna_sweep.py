@@ -94,8 +94,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_tpe_median_prunes_diverging_trials_and_sigterm_resumes_the_same_trial(
     tmp_path: Path,
 ) -> None:
-    # Seed 11 draws good, bad, good: the bad one comes after a complete good trial (pruned at
-    # its first evaluation) and trial 2, good, is the one stopped.
+    # Seed 11 draws good, bad, good (TPE's random start-up, Optuna 5.1): the bad one comes
+    # after a complete good trial (pruned at its first evaluation); trial 2, good, is stopped.
     config = write_sweep(
         tmp_path,
         method="tpe",

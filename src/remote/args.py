@@ -175,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_config_paths(args: list[str]) -> list[str]:
+    """``args`` less ``--config PATH`` / ``--config=PATH`` (the path is no override)."""
+    rest: list[str] = []
+    tokens = list(args)
+    while tokens:
+        token = tokens.pop(0)
+        if token == "--config":
+            if tokens:
+                tokens.pop(0)
+        elif not token.startswith("--config="):
+            rest.append(token)
+    return rest
+
+
 def experiment_of(path_text: str, args: list[str], repo_root: Path = REPO_ROOT) -> Experiment:
     """The experiment as a path inside the repo (it is synced with it); UsageError if not."""
     path = Path(path_text).expanduser()
@@ -189,7 +203,7 @@ def experiment_of(path_text: str, args: list[str], repo_root: Path = REPO_ROOT) 
             f"experiment {path_text} is outside the repo ({repo_root}): only the repo is synced, "
             "so put the file under experiments/"
         ) from None
-    bad = [arg for arg in args if not _is_override(arg) and not arg.startswith("--config")]
+    bad = [arg for arg in _without_config_paths(args) if not _is_override(arg)]
     if bad:
         raise UsageError(
             f"'{bad[0]}' is not key=value: experiment settings look like trainer.max_steps=300"

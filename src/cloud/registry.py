@@ -12,11 +12,13 @@ import sys
 from collections.abc import Mapping
 
 from src.cloud.provider import CredentialsMissing, Provider
+from src.cloud.renting import Renter
 from src.cloud.runpod.client import KEY_ENV as RUNPOD_KEY_ENV
 from src.cloud.runpod.provider import POD_ID_ENV, RunPodProvider
 from src.cloud.vast.client import KEY_ENV
 from src.cloud.vast.environment import INSTANCE_ID_ENVS
 from src.cloud.vast.provider import VastProvider
+from src.cloud.vast.renting import VastRenter
 
 # One line per provider: how to give it a key, and how a process knows it runs on it.
 CREDENTIALS_HINT = (
@@ -39,6 +41,19 @@ def configured_provider(key: str, settings: Mapping[str, str]) -> Provider:
         if provider.name == PROVIDER_KEYS[key]:
             return provider
     raise CredentialsMissing(f"--provider {key} needs {CREDENTIALS_HINT}")
+
+
+# The providers `remote_train --rent` can rent from (RunPod: not yet, see docs/vast_and_sync.md).
+RENTABLE = ("vast",)
+
+
+def configured_renter(key: str, settings: Mapping[str, str]) -> Renter:
+    """The market ``--rent --provider KEY`` rents from; CredentialsMissing without its key."""
+    if key != "vast":
+        raise ValueError(f"renting on {PROVIDER_KEYS[key]} is not implemented")
+    provider = configured_provider(key, settings)
+    assert isinstance(provider, VastProvider)
+    return VastRenter(provider)
 
 
 def configured_providers(settings: Mapping[str, str]) -> list[Provider]:

@@ -19,6 +19,7 @@ from src.cloud.vast.client import KEY_ENV
 from src.cloud.vast.environment import INSTANCE_ID_ENVS
 from src.cloud.vast.provider import VastProvider
 from src.cloud.vast.renting import VastRenter
+from src.cloud.vast.renting import parse_query as parse_vast_query
 
 # One line per provider: how to give it a key, and how a process knows it runs on it.
 CREDENTIALS_HINT = (
@@ -45,6 +46,14 @@ def configured_provider(key: str, settings: Mapping[str, str]) -> Provider:
 
 # The providers `remote_train --rent` can rent from (RunPod: not yet, see docs/vast_and_sync.md).
 RENTABLE = ("vast",)
+
+
+def parse_rent_query(key: str, tokens: list[str]) -> tuple[object, list[str]]:
+    """The provider's search filter flags taken out of ``tokens``: (query, the rest);
+    RentQueryError on a bad value. Needs no API key (bad input fails before anything)."""
+    if key != "vast":
+        raise ValueError(f"renting on {PROVIDER_KEYS[key]} is not implemented")
+    return parse_vast_query(tokens)
 
 
 def configured_renter(key: str, settings: Mapping[str, str]) -> Renter:

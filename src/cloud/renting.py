@@ -63,10 +63,6 @@ class Renter(Protocol):
         """The same account as a ``Provider``: the gated destroy, stop, hand commands."""
         ...
 
-    def parse_query(self, tokens: list[str]) -> object:
-        """QUERY as the provider's search command takes it; ``RentQueryError`` if bad."""
-        ...
-
     def offers(self, query: object) -> list[Offer]:
         """The offers that match, cheapest first."""
         ...

@@ -32,10 +32,16 @@ class _QueryParser(argparse.ArgumentParser):
         raise RentQueryError(f"--rent QUERY: {message} (it takes launch_vast.py search's filter)")
 
 
-def query_parser() -> argparse.ArgumentParser:
-    parser = _QueryParser(prog="--rent", add_help=False)
+def parse_query(tokens: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """`launch_vast.py search`'s filter flags out of ``tokens``: (the query, the rest)."""
+    parser = _QueryParser(prog="--rent", add_help=False, allow_abbrev=False)
     add_search_arguments(parser)
-    return parser
+    query, rest = parser.parse_known_args(tokens)
+    try:
+        check_search_args(query)
+    except UsageError as error:
+        raise RentQueryError(f"--rent QUERY: {error}") from None
+    return query, rest
 
 
 def offer_of(offer: Mapping[str, Any], interruptible: bool) -> Offer:
@@ -64,19 +70,6 @@ class VastRenter:
 
     def _client(self, retry: RetryPolicy = ACCOUNT_RETRY) -> VastClient:
         return self._provider.open_client(retry)
-
-    def parse_query(self, tokens: list[str]) -> argparse.Namespace:
-        args, extra = query_parser().parse_known_args(tokens)
-        if extra:
-            raise RentQueryError(
-                f"--rent QUERY: '{extra[0]}' is not a search filter (e.g. --gpu \"RTX 4090\" "
-                "--max-price 0.6 --min-disk 100)"
-            )
-        try:
-            check_search_args(args)
-        except UsageError as error:
-            raise RentQueryError(f"--rent QUERY: {error}") from None
-        return args
 
     def offers(self, query: object) -> list[Offer]:
         assert isinstance(query, argparse.Namespace)

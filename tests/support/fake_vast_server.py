@@ -181,10 +181,11 @@ class FakeVast:
                 self.instances[instance_id]["actual_status"] = state
                 return 200, {"success": True}, {}
         if path == "/api/v0/bundles/" and method == "POST":
-            return 200, {"offers": [dict(o) for o in self.offers]}, {}
+            return 200, {"offers": [self._public(o) for o in self.offers]}, {}
         if parts[:3] == ["api", "v0", "asks"] and method == "PUT":
             new_id = self.next_id
             self.next_id += 1
+            offer = next((o for o in self.offers if str(o["id"]) == parts[3]), {})
             self.instances[new_id] = {
                 "id": new_id,
                 "label": (body or {}).get("label"),
@@ -200,10 +201,26 @@ class FakeVast:
                 "_polls": 0,
                 "status_msg": "queued",
             }
+            if "_ssh_port" in offer:  # this offer's own machine: a port, or never one (None)
+                port = offer["_ssh_port"]
+                self.instances[new_id].update(
+                    dph_total=offer.get("dph_total"),
+                    _ports=None if port is None else {"22/tcp": [{"HostPort": str(port)}]},
+                    _offer=offer["id"],
+                )
             return 200, {"success": True, "new_contract": new_id}, {}
         if path == "/api/v0/users/current/":
             return 200, {"id": 1, "balance": 12.5, "email": "user@example.com"}, {}
         return 404, {"success": False, "error": "not_found", "msg": path}, {}
+
+    def vanish(self, instance_id: int) -> None:
+        """The host is gone: the API no longer knows the instance (404)."""
+        with self.lock:
+            self.instances.pop(instance_id, None)
+
+    def instance_of_offer(self, offer_id: int) -> int | None:
+        with self.lock:
+            return next((i for i, x in self.instances.items() if x.get("_offer") == offer_id), None)
 
     def _list_page(self, query: dict) -> dict[str, Any]:
         ids = sorted(self.instances)
@@ -226,8 +243,9 @@ class FakeVast:
                 instance["actual_status"] = "running"
                 instance["status_msg"] = "running"
                 instance["start_date"] = time.time()
-                if self.created_ports is not None:
-                    instance["ports"] = self.created_ports
+                ports = instance["_ports"] if "_ports" in instance else self.created_ports
+                if ports is not None:
+                    instance["ports"] = ports
             elif instance["_polls"] >= 1:
                 instance["actual_status"] = "loading"
                 instance["status_msg"] = "pulling image"

@@ -62,7 +62,8 @@ class World:
     def machine(self, name: str, **environment: str) -> tuple[SshServer, subprocess.Popen]:
         """A rented machine's sshd: its sessions see ``environment`` (and moto's keys)."""
         values = {**AWS_ENV, "OMP_NUM_THREADS": "1", **environment}
-        extra = "".join(f"SetEnv {key}={value}\n" for key, value in values.items())
+        # One SetEnv line: sshd takes the first of a keyword's lines only.
+        extra = "SetEnv " + " ".join(f"{key}={value}" for key, value in values.items()) + "\n"
         server, process = start_sshd(self.root / name, extra, keys_from=self.base)
         self.sshds.append(process)
         return server, process
@@ -85,6 +86,7 @@ class World:
             "--rent",
             "--gpu",
             "RTX 4090",
+            TINY_LM,
             *args,
             "--no-install",
             "--remote-dir",

@@ -143,6 +143,7 @@ class FakeVast:
         self.created_ports: dict[str, Any] | None = None
         self.created_ip = "192.0.2.50"  # a test points new instances at its own sshd
         self.next_id = 500
+        self.rented: dict[int, int] = {}  # offer id -> the newest instance made from it
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
 
@@ -208,6 +209,7 @@ class FakeVast:
                     _ports=None if port is None else {"22/tcp": [{"HostPort": str(port)}]},
                     _offer=offer["id"],
                 )
+                self.rented[offer["id"]] = new_id
             return 200, {"success": True, "new_contract": new_id}, {}
         if path == "/api/v0/users/current/":
             return 200, {"id": 1, "balance": 12.5, "email": "user@example.com"}, {}
@@ -219,8 +221,9 @@ class FakeVast:
             self.instances.pop(instance_id, None)
 
     def instance_of_offer(self, offer_id: int) -> int | None:
+        """The newest instance rented from ``offer_id`` (destroyed or not)."""
         with self.lock:
-            return next((i for i, x in self.instances.items() if x.get("_offer") == offer_id), None)
+            return self.rented.get(offer_id)
 
     def _list_page(self, query: dict) -> dict[str, Any]:
         ids = sorted(self.instances)

@@ -245,7 +245,8 @@ class RemoteTrain:
                 overall = "[check] no GPU here, and --min-gpu-efficiency needs one"
             if code == EXIT_BELOW_EFFICIENCY:
                 release = ""
-                if self.instance is not None:
+                # --rent releases the machine itself, at once: no command to hand over.
+                if self.instance is not None and getattr(self.args, "rent_query", None) is None:
                     action = self.shutdown_action or "destroy"
                     release = (
                         f"; nothing has trained there, so nothing needs downloading: release it "

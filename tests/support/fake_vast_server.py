@@ -209,6 +209,8 @@ class FakeVast:
                     _ports=None if port is None else {"22/tcp": [{"HostPort": str(port)}]},
                     _offer=offer["id"],
                 )
+                if port is None:  # not even the proxy: nothing answers SSH for it
+                    self.instances[new_id].update(ssh_host=None, ssh_port=None)
                 self.rented[offer["id"]] = new_id
             return 200, {"success": True, "new_contract": new_id}, {}
         if path == "/api/v0/users/current/":

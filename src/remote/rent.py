@@ -259,6 +259,23 @@ class Rent:
             experiments = [Experiment(e.path, [*e.args, *extra]) for e in experiments]
         return RemoteTrain(args, experiments, self.settings, self.reporter)
 
+    def connect(self, held: Held, train: RemoteTrain) -> bool:
+        """SSH in; a port may accept before the machine's sshd is up, so retry until the
+        boot timeout. False (the host failed and was released) when it never lets us in."""
+        started = self.clock()
+        while True:
+            try:
+                train.connect()
+                return True
+            except StageError as error:
+                train.close()
+                if self.clock() - started >= self.args.boot_timeout:
+                    self.fail_host(held, str(error))
+                    return False
+                self.say(f"{self.name(held)}: SSH not ready yet ({error.reason}); trying again")
+                self.stop_if_over_budget(held)
+                self.sleep(self.args.poll_interval)
+
     def try_machine(self, held: Held) -> int | None:
         """The whole run on ``held``: its exit code, or None to go on with the next offer."""
         reason = self.boot(held)
@@ -266,8 +283,9 @@ class Rent:
             self.fail_host(held, reason)
             return None
         train = self.remote_train_for(held)
+        if not self.connect(held, train):
+            return None
         try:
-            train.connect()
             train.prepare_host()
         except StageError as error:
             train.close()
@@ -356,10 +374,16 @@ class Rent:
             self.reporter.error(f"rent interrupted; {self.nothing_left()}")
             return EXIT_DETACHED
         question = f"Ctrl-C: keep or destroy {self.name(held)}? [K/d] "
-        if ask_keep_or_destroy(question) == "destroy" and not held.trained:
+        answer = ask_keep_or_destroy(question)
+        if answer == "destroy" and not held.trained:
             self.release(held, "Ctrl-C")
             self.reporter.error(f"rent interrupted; {self.nothing_left()}")
             return EXIT_DETACHED
+        if answer == "destroy":  # it trained: only the gate may destroy it
+            self.say(
+                f"not destroying {self.name(held)} here: it trained and its outputs are not "
+                "verified home; the command below destroys it through the download gate"
+            )
         goes_on = " (its run goes on)" if held.trained else ""
         self.reporter.error(
             f"rent interrupted: kept {self.name(held)}{goes_on}; {self.left_line(held)}"

@@ -206,6 +206,7 @@ def failover(world: World) -> subprocess.CompletedProcess:
         "--min-gpu-efficiency",
         "0.5",
     )
+    result.port = good.port  # type: ignore[attr-defined]
     result.instances = {  # type: ignore[attr-defined]
         offer_id: world.fake.instance_of_offer(offer_id) for offer_id in (9101, 9102, 9103)
     }
@@ -225,7 +226,11 @@ def test_a_rented_run_boots_checks_trains_comes_home_and_is_destroyed(
     run_dir = world.root / "failover" / "home" / "tiny"
     assert (run_dir / "final_model.pt").is_file() and (run_dir / "test_results.json").is_file()
     assert sorted(world.deletes()) == sorted(failover.instances.values())
-    assert world.deletes()[-1] == good  # through the gate, after the verify
+    assert world.deletes()[-1] == good  # through the gate, after the verify:
+    (delete,) = [r for r in world.fake.requests if r.method == "DELETE" and str(good) in r.path]
+    (manifest,) = (world.root / "manifests").glob(f"root_127.0.0.1_{failover.port}_*.json")
+    assert json.loads(manifest.read_text())["verified"]
+    assert manifest.stat().st_mtime <= delete.at
     assert world.state("failover")["machines"] == {}  # nothing left billing
     assert "skipping offer 9104" in out and "smaller than the 40 GB" in out
     assert "done: 3 machine(s)" in out
@@ -321,6 +326,7 @@ def test_max_attempts_and_max_total_usd_stop_the_loop_in_one_line(world: World) 
     assert result.stderr.count("\n") == 1, result.stderr
     assert "rent failed: stopped after 2 machine(s) (--max-attempts 2)" in result.stderr
     assert len(world.deletes()) == 2 and world.state("attempts")["machines"] == {}
+    assert world.fake.count("PUT", "/api/v0/asks/") == 2  # each machine made was destroyed
 
     world.fake.offers = [offer(9400, 3600.0, None)]  # a dollar a second
     world.fake.requests.clear()
@@ -331,6 +337,7 @@ def test_max_attempts_and_max_total_usd_stop_the_loop_in_one_line(world: World) 
         result.stderr
     )
     assert len(world.deletes()) == 1 and world.state("budget")["machines"] == {}
+    assert world.fake.count("PUT", "/api/v0/asks/") == 1
 
 
 def test_ctrl_c_keeps_the_machine_listed_with_its_destroy_command(world: World) -> None:
@@ -360,26 +367,19 @@ def test_ctrl_c_keeps_the_machine_listed_with_its_destroy_command(world: World) 
     (entry,) = world.state("ctrl-c")["machines"].values()
     assert entry["id"] == str(instance)
 
-    listed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--rented", "--state-file", str(world.state_file("ctrl-c"))],
-        env=world.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    listed = rented(world, "ctrl-c")
     assert listed.returncode == 0, listed.stderr
     assert f"Vast.ai instance {instance}" in listed.stdout and "$0.500/h" in listed.stdout
     assert f"destroy: python scripts/launch_vast.py destroy {instance}" in listed.stdout
     world.fake.vanish(instance)  # destroyed by hand: the next listing drops it
-    listed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--rented", "--state-file", str(world.state_file("ctrl-c"))],
-        env=world.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert "gone, no longer billed" in listed.stdout
+    assert "gone, no longer billed" in rented(world, "ctrl-c").stdout
     assert world.state("ctrl-c")["machines"] == {}
+
+
+def rented(world: World, name: str) -> subprocess.CompletedProcess:
+    """``remote_train.py --rented`` on that test's state file."""
+    command = [sys.executable, str(SCRIPT), "--rented", "--state-file", str(world.state_file(name))]
+    return subprocess.run(command, env=world.env, capture_output=True, text=True, timeout=60)
 
 
 def _booting(state: dict) -> bool:
@@ -417,3 +417,20 @@ def test_bad_settings_fail_before_anything_with_one_line(
     assert main(["--rent", TINY_LM, *good]) == 2
     assert "--provider vast needs" in capsys.readouterr().err
     assert world.fake.requests == [] and not (world.root / "bad" / "rented.json").exists()
+
+
+def test_a_crash_between_create_and_its_answer_still_lists_the_offer(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The entry is written before the create call: a laptop that dies during the call leaves
+    a line that says which offer may now bill, and how to look."""
+    from src.remote.rent_state import RentState
+
+    monkeypatch.setenv("VASTAI_API_KEY", API_KEY)
+    monkeypatch.setenv("VAST_URL", world.fake.url)
+    path = world.root / "crash" / "rented.json"
+    RentState(path).creating("vast", "9600", 0.25, "h9600")  # then the laptop died
+    assert main(["--rented", "--state-file", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Vast.ai offer 9600: a create was sent" in out
+    assert "check python scripts/launch_vast.py status" in out and "$0.250/h" in out

@@ -38,6 +38,7 @@ class Recorded:
     query: dict[str, list[str]]
     headers: dict[str, str]
     body: Any
+    at: float = field(default_factory=time.time)  # when it arrived
 
 
 def sample_instances(ssh_port: int = 20022) -> dict[int, dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -293,7 +294,7 @@ def test_a_host_that_vanishes_mid_run_is_replaced_and_the_run_resumes_from_s3(
     while True:
         listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="ckpts/resumed/checkpoints/")
         keys = [item["Key"] for item in listed.get("Contents", [])]
-        if any(key.endswith("step_000000010.pt") for key in keys):
+        if any(key.endswith("step_000000005.pt") for key in keys):
             break
         assert process.poll() is None and time.monotonic() < deadline, "".join(output)
         time.sleep(0.05)
@@ -333,9 +334,10 @@ def test_max_attempts_and_max_total_usd_stop_the_loop_in_one_line(world: World) 
     result = world.run("budget", *args, "--boot-timeout", "60", "--max-total-usd", "0.5")
     assert result.returncode == 19, result.stdout + result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
-    assert "rent failed: stopped: $0.5" in result.stderr and "of --max-total-usd 0.5" in (
-        result.stderr
-    )
+    # Checked at each poll: a loaded machine may overshoot by a poll or two ($1/s here).
+    assert re.search(
+        r"rent failed: stopped: \$[0-2]\.\d\d spent of --max-total-usd 0\.5;", (result.stderr)
+    ), result.stderr
     assert len(world.deletes()) == 1 and world.state("budget")["machines"] == {}
     assert world.fake.count("PUT", "/api/v0/asks/") == 1
 

@@ -25,6 +25,8 @@ import pytest
 
 from src.remote.cli import main
 from tests.support.experiment import assert_bit_identical, experiment_env, run_experiment
+from tests.support.fake_runpod_server import API_KEY as RUNPOD_KEY
+from tests.support.fake_runpod_server import running_fake_runpod
 from tests.support.fake_vast_server import API_KEY, FakeVast, running_fake_vast
 from tests.support.moto_server import AWS_ENV, MotoS3, running_moto_s3
 from tests.support.sshd import SshServer, start_sshd
@@ -398,7 +400,7 @@ def test_bad_settings_fail_before_anything_with_one_line(
     good = [*tiny, f"checkpoint.s3_bucket={BUCKET}"]
     cases = [
         (["--rent", TINY_LM, *tiny], "--rent needs checkpoint.s3_bucket"),
-        (["--rent", "--provider", "runpod", TINY_LM, *good], "renting on RunPod is not impl"),
+        (["--rent", "--provider", "runpod", "--cloud", "x", TINY_LM, *good], "argument --cloud"),
         (["--rent", "--max-price", "-1", TINY_LM, *good], "--max-price -1 must be >= 0"),
         (["--rent", "--num-gpus", "x", TINY_LM, *good], "--rent QUERY: argument --num-gpus"),
         (["--rent", TINY_LM, *good, "--max-attempts", "0"], "--max-attempts 0 must be at"),
@@ -436,3 +438,38 @@ def test_a_crash_between_create_and_its_answer_still_lists_the_offer(
     out = capsys.readouterr().out
     assert "Vast.ai offer 9600: a create was sent" in out
     assert "check python scripts/launch_vast.py status" in out and "$0.250/h" in out
+
+
+def test_runpod_rents_through_the_same_seam(world: World) -> None:
+    """RunPod: GPU types per cloud are the offers, cheapest first; a pod whose check fails is
+    terminated at once and its GPU type and cloud recorded."""
+    weak, _ = world.machine("runpod-weak", FAKE_GPU_EFFICIENCY="0.2")
+    with running_fake_runpod() as runpod:
+        runpod.new_pod_ssh = ("127.0.0.1", weak.port)
+        env = {
+            **world.env,
+            "RUNPOD_API_KEY": RUNPOD_KEY,
+            "RUNPOD_REST_URL": runpod.url,
+            "RUNPOD_GRAPHQL_URL": runpod.graphql_url,
+        }
+        command = world.command("runpod", "--provider", "runpod", *world.tiny_args("never"))
+        extra = ["--min-gpu-efficiency", "0.5", "--max-attempts", "1", "--boot-timeout", "20"]
+        result = subprocess.run(
+            [*command, *extra], env=env, capture_output=True, text=True, timeout=120
+        )
+        out = result.stdout
+        assert result.returncode == 19, out + result.stderr
+        assert RUNPOD_KEY not in out + result.stderr
+        assert "created pod new000001 from offer NVIDIA GeForce RTX 4090@community" in out
+        assert "$0.340/h" in out and "[check] failed in" in out and "[train]" not in out
+        assert "destroyed pod new000001 (failed before training" in out
+        assert "stopped after 1 machine(s) (--max-attempts 1)" in result.stderr
+        assert runpod.count("DELETE", "/v1/pods/new000001") == 1
+        created = [r.body for r in runpod.requests if r.method == "POST" and r.path == "/v1/pods"]
+        assert created[0]["cloudType"] == "COMMUNITY" and created[0]["volumeInGb"] == 50
+    state = world.state("runpod")
+    assert state["machines"] == {}
+    assert (
+        "below --min-gpu-efficiency"
+        in (state["bad_hosts"]["runpod:NVIDIA GeForce RTX 4090@community"]["reason"])
+    )

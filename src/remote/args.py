@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.cloud.registry import PROVIDER_KEYS, RENTABLE, parse_rent_query
+from src.cloud.registry import PROVIDER_KEYS, parse_rent_query
 from src.cloud.renting import RentQueryError
 from src.common.paths import REPO_ROOT
 from src.export.arguments import format_from_options
@@ -233,12 +233,6 @@ def take_rent(argv: list[str]) -> tuple[list[str], object | None]:
             key = argv[index + 1]
         elif token.startswith("--provider="):
             key = token.partition("=")[2]
-    if key in PROVIDER_KEYS and key not in RENTABLE:
-        raise UsageError(
-            f"--rent --provider {key}: renting on {PROVIDER_KEYS[key]} is not implemented yet; "
-            f"rent a pod with python scripts/launch.py --provider {key} create --wait, then "
-            f"{SCRIPT} HOST EXPERIMENT --destroy-after"
-        )
     if key not in PROVIDER_KEYS:
         raise UsageError(f"--provider {key}: choose one of {', '.join(sorted(PROVIDER_KEYS))}")
     try:

@@ -473,3 +473,57 @@ def test_runpod_rents_through_the_same_seam(world: World) -> None:
         "below --min-gpu-efficiency"
         in (state["bad_hosts"]["runpod:NVIDIA GeForce RTX 4090@community"]["reason"])
     )
+
+
+class _Tty:
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self) -> str:
+        return self.answer + "\n"
+
+
+def test_ctrl_c_at_a_terminal_destroys_only_a_machine_that_never_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from src.cloud.renting import Offer
+    from src.remote import rent as rent_module
+    from src.remote.rent_state import RentState
+    from src.remote.stages import StageReporter
+
+    assert rent_module.ask_keep_or_destroy("? ", _Tty("d")) == "destroy"
+    assert rent_module.ask_keep_or_destroy("? ", _Tty("")) == "keep"  # the default
+
+    class Provider:
+        machine_kind = "instance"
+
+        def hand_command(self, action: str, machine_id: str) -> str:
+            return f"launch_vast.py {action} {machine_id}"
+
+    class Renter:
+        provider = Provider()
+        released: list[str] = []
+
+        def release_unused(self, machine_id: str) -> None:
+            self.released.append(machine_id)
+
+    state = RentState(tmp_path / "rented.json")
+    args = argparse.Namespace(provider="vast", max_total_usd=None)
+    renter = Renter()
+    for trained, answer in ((False, "d"), (True, "d")):
+        rent = rent_module.Rent(args, [], {}, StageReporter(), renter, state, "s3://b/p")
+        key = state.created(state.creating("vast", "1", 0.5, "h1"), "77")
+        rent.held = rent_module.Held(key, "77", Offer("1", "h1", "X", 0.5, 100), 0.0, None, trained)
+        monkeypatch.setattr(rent_module.sys, "stdin", _Tty(answer))
+        assert rent.interrupted() == 130
+        err = capsys.readouterr().err
+        if trained:
+            assert "kept instance 77 (its run goes on)" in err and "destroy 77" in err
+            assert list(state.machines()) == [key]  # still listed
+        else:
+            assert renter.released == ["77"] and state.machines() == {}

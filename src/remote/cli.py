@@ -10,6 +10,8 @@ bad input 2) and never stops or destroys anything. A crashed run is still retrie
 verified. An interrupted run (exit 75) is retrieved and verified, then remote_train exits 75
 without stopping the instance. Ctrl-C while a run streams detaches (exit 130): training goes
 on. The arguments: ``args``; the stages: ``pipeline``; ``--status``'s table: ``status_table``.
+``--rent QUERY`` (no HOST: the machine is rented, checked, used and released; exit 19 when
+the offer loop gives up) and ``--rented``: ``rent``.
 """
 
 from __future__ import annotations

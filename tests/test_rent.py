@@ -27,7 +27,7 @@ from src.remote.cli import main
 from tests.support.experiment import assert_bit_identical, experiment_env, run_experiment
 from tests.support.fake_runpod_server import API_KEY as RUNPOD_KEY
 from tests.support.fake_runpod_server import running_fake_runpod
-from tests.support.fake_vast_server import API_KEY, FakeVast, running_fake_vast
+from tests.support.fake_vast_server import API_KEY, Canned, FakeVast, running_fake_vast
 from tests.support.moto_server import AWS_ENV, MotoS3, running_moto_s3
 from tests.support.sshd import SshServer, start_sshd
 from tests.support.sync_helpers import sync_env
@@ -193,12 +193,15 @@ def failover(world: World) -> subprocess.CompletedProcess:
     good, _ = world.machine("good", FAKE_GPU_EFFICIENCY="0.9")
     weak, _ = world.machine("weak", FAKE_GPU_EFFICIENCY="0.2")
     world.fake.offers = [
+        offer(9100, 0.01, good.port),  # taken by someone else meanwhile: refused
         offer(9104, 0.05, good.port, disk=10),
         offer(9101, 0.10, None),
         offer(9102, 0.20, weak.port),
         offer(9103, 0.30, good.port),
     ]
     world.fake.requests.clear()
+    gone = {"success": False, "error": "no_such_ask", "msg": "offer no longer available"}
+    world.fake.failures.append(Canned(400, gone, path_prefix="/api/v0/asks/9100/"))
     result = world.run(
         "failover",
         "--min-disk",
@@ -236,6 +239,7 @@ def test_a_rented_run_boots_checks_trains_comes_home_and_is_destroyed(
     assert manifest.stat().st_mtime <= delete.at
     assert world.state("failover")["machines"] == {}  # nothing left billing
     assert "skipping offer 9104" in out and "smaller than the 40 GB" in out
+    assert "could not rent offer 9100" in out and "offer no longer available" in out
     assert "done: 3 machine(s)" in out
 
 

@@ -20,6 +20,11 @@ class RentQueryError(CloudError):
     """The search filter (QUERY) is bad input: one line, exit 2."""
 
 
+class MaybeRented(CloudError):
+    """A create whose answer was lost: the machine may exist and bill. Any other CloudError
+    from ``create`` means surely nothing was rented (the next offer may be tried)."""
+
+
 @dataclass(frozen=True)
 class Offer:
     """One rentable machine, as the provider advertises it."""

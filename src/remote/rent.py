@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from src.cloud.machines import SshAddress, format_duration
 from src.cloud.provider import CloudError
 from src.cloud.registry import PROVIDER_KEYS, configured_renter
-from src.cloud.renting import Offer, Renter
+from src.cloud.renting import MaybeRented, Offer, Renter
 from src.common.paths import REPO_ROOT
 from src.config import ConfigError
 from src.remote.args import RENTED_HOST, Experiment, UsageError, default_local_dir
@@ -175,16 +175,18 @@ class Rent:
             f"skipped): loosen QUERY or try later; {self.nothing_left()}",
         )
 
-    def create(self, offer: Offer) -> Held:
+    def create(self, offer: Offer) -> Held | None:
         pending = self.state.creating(
             self.provider_key, offer.id, offer.hourly_rate_usd, offer.host_id
         )
         try:
             machine_id = self.renter.create(offer, self.args.disk, RENT_LABEL)
-        except CloudError as error:
-            if "may have gone through" not in str(error):
-                self.state.gone(pending)  # surely not rented: nothing to list
-            raise
+        except MaybeRented:
+            raise  # the "creating" entry stays: --rented says which offer to look for
+        except CloudError as error:  # surely not rented (taken meanwhile, refused): next
+            self.state.gone(pending)
+            self.say(f"could not rent {offer.describe()}: {error}; trying the next offer")
+            return None
         key = self.state.created(pending, machine_id)
         held = Held(key, machine_id, offer, self.clock())
         self.held = held
@@ -343,6 +345,12 @@ class Rent:
             return self.loop()
         except KeyboardInterrupt:
             return self.interrupted()
+        except MaybeRented as error:
+            raise StageError(
+                "rent",
+                f"{error}; the offer stays listed in {self.state.path} (--rented) until you "
+                "know whether a machine was made",
+            ) from None
         except CloudError as error:
             held = f"; {self.left_line(self.held)}" if self.held else f"; {self.nothing_left()}"
             raise StageError("rent", f"{error}{held}") from None
@@ -360,10 +368,12 @@ class Rent:
                 raise StageError("rent", f"stopped: {self.budget_line()}; {self.nothing_left()}")
             offer = self.pick_offer(query)
             self.tried.add(offer.id)
-            self.attempts += 1
             what = "resume the run" if self.resuming else "the run"
-            self.say(f"machine {self.attempts} of at most {self.args.max_attempts} for {what}")
+            self.say(f"machine {self.attempts + 1} of at most {self.args.max_attempts} for {what}")
             held = self.create(offer)
+            if held is None:
+                continue
+            self.attempts += 1
             code = self.try_machine(held)
             if code is not None:
                 return code

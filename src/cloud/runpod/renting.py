@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
-from src.cloud.renting import BootState, Offer, RentQueryError
+from src.cloud.renting import BootState, MaybeRented, Offer, RentQueryError
 from src.cloud.retry import RetryPolicy
 from src.cloud.runpod.cli import (
     DEFAULT_IMAGE,
@@ -23,7 +23,7 @@ from src.cloud.runpod.cli import (
     create_payload,
     matching_gpus,
 )
-from src.cloud.runpod.client import RunPodClient, RunPodNotFound
+from src.cloud.runpod.client import RunPodClient, RunPodMaybeDone, RunPodNotFound
 from src.cloud.runpod.pods import ACTIVE_STATUS, ssh_address, status_of
 from src.cloud.runpod.provider import ACCOUNT_RETRY, RunPodProvider
 
@@ -99,8 +99,11 @@ class RunPodRenter:
         )
         payload = create_payload(args)
         payload["name"] = f"{label}-{payload['name'].rsplit('-', 1)[-1]}"
-        with self._client() as client:
-            return str(client.create_pod(payload)["id"])
+        try:
+            with self._client() as client:
+                return str(client.create_pod(payload)["id"])
+        except RunPodMaybeDone as error:
+            raise MaybeRented(str(error)) from None
 
     def boot_state(self, machine_id: str) -> BootState:
         try:

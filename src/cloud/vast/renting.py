@@ -8,7 +8,7 @@ import argparse
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from src.cloud.renting import BootState, Offer, RentQueryError
+from src.cloud.renting import BootState, MaybeRented, Offer, RentQueryError
 from src.cloud.retry import RetryPolicy
 from src.cloud.vast.cli import (
     DEFAULT_IMAGE,
@@ -19,7 +19,7 @@ from src.cloud.vast.cli import (
     create_payload,
     offer_price,
 )
-from src.cloud.vast.client import VastClient, VastNotFound
+from src.cloud.vast.client import VastClient, VastError, VastNotFound
 from src.cloud.vast.instances import ssh_addresses, status_of
 from src.cloud.vast.provider import ACCOUNT_RETRY, VastProvider
 
@@ -88,8 +88,13 @@ class VastRenter:
             autostop=None,
             bid=offer.hourly_rate_usd if self._interruptible else None,
         )
-        with self._client() as client:
-            return str(client.create_instance(int(offer.id), create_payload(args)))
+        try:
+            with self._client() as client:
+                return str(client.create_instance(int(offer.id), create_payload(args)))
+        except VastError as error:
+            if "may have gone through" in str(error) or "check `status`" in str(error):
+                raise MaybeRented(str(error)) from None
+            raise
 
     def boot_state(self, machine_id: str) -> BootState:
         try:

@@ -9,8 +9,10 @@ that trained is destroyed only through its ``Provider``'s destroy gate (``renter
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from src.cloud.machines import SshAddress
 from src.cloud.provider import CloudError, Provider
@@ -84,3 +86,27 @@ class Renter(Protocol):
         """Destroy a machine nothing has trained on (boot failed, check failed): there is
         nothing to download, so no gate. A machine already gone is no error."""
         ...
+
+
+def parse_filter(
+    tokens: list[str],
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    check: Callable[[argparse.Namespace], None],
+    source: str,
+) -> tuple[argparse.Namespace, list[str]]:
+    """The filter flags ``add_arguments`` defines (a provider's `search`), taken out of
+    ``tokens``: (the query, the rest). A bad value (``check`` raises ValueError) is a
+    one-line RentQueryError naming ``source``, the command whose filter it is."""
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise RentQueryError(f"--rent QUERY: {message} (it takes {source}'s filter)")
+
+    parser = Parser(prog="--rent", add_help=False, allow_abbrev=False)
+    add_arguments(parser)
+    query, rest = parser.parse_known_args(tokens)
+    try:
+        check(query)
+    except ValueError as error:
+        raise RentQueryError(f"--rent QUERY: {error}") from None
+    return query, rest

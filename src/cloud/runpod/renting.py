@@ -11,13 +11,11 @@ that failed is not rented again within ``--skip-bad-hours``. The disk is the pod
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
 
-from src.cloud.renting import BootState, MaybeRented, Offer, RentQueryError
+from src.cloud.renting import BootState, MaybeRented, Offer, parse_filter
 from src.cloud.retry import RetryPolicy
 from src.cloud.runpod.cli import (
     DEFAULT_IMAGE,
-    UsageError,
     add_search_arguments,
     check_search_args,
     create_payload,
@@ -32,23 +30,11 @@ CONTAINER_DISK_GB = 30
 UNLIMITED_DISK_GB = 10_000.0  # a volume of any size: never the reason to skip an offer
 
 
-class _QueryParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise RentQueryError(
-            f"--rent QUERY: {message} (it takes launch.py --provider runpod search's filter)"
-        )
-
-
 def parse_query(tokens: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """The search filter flags out of ``tokens``: (the query, the rest)."""
-    parser = _QueryParser(prog="--rent", add_help=False, allow_abbrev=False)
-    add_search_arguments(parser)
-    query, rest = parser.parse_known_args(tokens)
-    try:
-        check_search_args(query)
-    except UsageError as error:
-        raise RentQueryError(f"--rent QUERY: {error}") from None
-    return query, rest
+    """`launch.py --provider runpod search`'s filter flags out of ``tokens``: (query, rest)."""
+    return parse_filter(
+        tokens, add_search_arguments, check_search_args, "launch.py --provider runpod search"
+    )
 
 
 class RunPodRenter:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any
 
-from src.cloud.renting import BootState, MaybeRented, Offer, RentQueryError
+from src.cloud.renting import BootState, MaybeRented, Offer, parse_filter
 from src.cloud.retry import RetryPolicy
 from src.cloud.vast.cli import (
     DEFAULT_IMAGE,
-    UsageError,
     add_search_arguments,
     build_offer_query,
     check_search_args,
@@ -27,21 +26,9 @@ from src.cloud.vast.provider import ACCOUNT_RETRY, VastProvider
 POLL_RETRY = RetryPolicy(attempts=3, base_delay=0.5, max_delay=2.0)
 
 
-class _QueryParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise RentQueryError(f"--rent QUERY: {message} (it takes launch_vast.py search's filter)")
-
-
 def parse_query(tokens: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """`launch_vast.py search`'s filter flags out of ``tokens``: (the query, the rest)."""
-    parser = _QueryParser(prog="--rent", add_help=False, allow_abbrev=False)
-    add_search_arguments(parser)
-    query, rest = parser.parse_known_args(tokens)
-    try:
-        check_search_args(query)
-    except UsageError as error:
-        raise RentQueryError(f"--rent QUERY: {error}") from None
-    return query, rest
+    return parse_filter(tokens, add_search_arguments, check_search_args, "launch_vast.py search")
 
 
 def offer_of(offer: Mapping[str, Any], interruptible: bool) -> Offer:

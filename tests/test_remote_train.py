@@ -778,3 +778,14 @@ def test_report_words_for_each_ending(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert "run 'r76': stopped (budget reached) (exit 76)" in out
     assert "  | RuntimeError: boom" in out and "resumes it" in out
+
+
+def test_config_path_with_a_space_is_the_experiments_own() -> None:
+    """``--config PATH`` (space-separated) reaches the experiment, not the key=value check."""
+    from src.remote.args import parse_args
+
+    for form in (["--config", "configs/dev_config.yaml"], ["--config=configs/dev_config.yaml"]):
+        _, experiments = parse_args(["h", EXPERIMENT, *form, "seed=3"])
+        assert experiments[0].args == [*form, "seed=3"]
+        _, experiments = parse_args(["h", EXPERIMENT, "--also", EXPERIMENT, *form, "seed=3"])
+        assert experiments[1].args == [*form, "seed=3"]

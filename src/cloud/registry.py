@@ -12,11 +12,16 @@ import sys
 from collections.abc import Mapping
 
 from src.cloud.provider import CredentialsMissing, Provider
+from src.cloud.renting import Renter
 from src.cloud.runpod.client import KEY_ENV as RUNPOD_KEY_ENV
 from src.cloud.runpod.provider import POD_ID_ENV, RunPodProvider
+from src.cloud.runpod.renting import RunPodRenter
+from src.cloud.runpod.renting import parse_query as parse_runpod_query
 from src.cloud.vast.client import KEY_ENV
 from src.cloud.vast.environment import INSTANCE_ID_ENVS
 from src.cloud.vast.provider import VastProvider
+from src.cloud.vast.renting import VastRenter
+from src.cloud.vast.renting import parse_query as parse_vast_query
 
 # One line per provider: how to give it a key, and how a process knows it runs on it.
 CREDENTIALS_HINT = (
@@ -39,6 +44,25 @@ def configured_provider(key: str, settings: Mapping[str, str]) -> Provider:
         if provider.name == PROVIDER_KEYS[key]:
             return provider
     raise CredentialsMissing(f"--provider {key} needs {CREDENTIALS_HINT}")
+
+
+# The providers `remote_train --rent` can rent from, and how each reads its search filter.
+RENT_QUERIES = {"vast": parse_vast_query, "runpod": parse_runpod_query}
+
+
+def parse_rent_query(key: str, tokens: list[str]) -> tuple[object, list[str]]:
+    """The provider's search filter flags taken out of ``tokens``: (query, the rest);
+    RentQueryError on a bad value. Needs no API key (bad input fails before anything)."""
+    return RENT_QUERIES[key](tokens)
+
+
+def configured_renter(key: str, settings: Mapping[str, str]) -> Renter:
+    """The market ``--rent --provider KEY`` rents from; CredentialsMissing without its key."""
+    provider = configured_provider(key, settings)
+    if isinstance(provider, RunPodProvider):
+        return RunPodRenter(provider)
+    assert isinstance(provider, VastProvider)
+    return VastRenter(provider)
 
 
 def configured_providers(settings: Mapping[str, str]) -> list[Provider]:

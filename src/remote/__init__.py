@@ -14,6 +14,9 @@ manifest and its hash cache, the destroy gate, and ``src.cloud``'s providers):
   ``host``       calling the agent on the host over the open connection
   ``provider_link`` the rented machine behind the SSH address, through its provider: price,
                  stop, destroy through the gate
+  ``rent``       ``--rent QUERY``: offers, create, boot, check, train, failover, budget, Ctrl-C;
+                 ``--rented``
+  ``rent_state`` its state file: every machine created until destroyed, and bad hosts
 
 Host side (run with the remote interpreter inside the synced repo, standard library only
 except ``plan`` and ``monitor``):

@@ -13,13 +13,19 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.cloud.registry import PROVIDER_KEYS
+from src.cloud.registry import PROVIDER_KEYS, parse_rent_query
+from src.cloud.renting import RentQueryError
 from src.common.paths import REPO_ROOT
 from src.export.arguments import format_from_options
 from src.export.errors import ExportError
 from src.export.registry import format_names
 
 SCRIPT = "python scripts/remote_train.py"
+RENTED_HOST = "rented"  # --rent's HOST: the machine's address is known once it boots
+DEFAULT_BOOT_TIMEOUT_S = 600.0
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_DISK_GB = 50.0
+DEFAULT_SKIP_BAD_HOURS = 24.0
 
 
 class UsageError(ValueError):
@@ -171,8 +177,112 @@ def build_parser() -> argparse.ArgumentParser:
         help="options for scripts/export.py, written with '=': "
         "--export-args='--int8 --weights final'",
     )
+    rent = parser.add_argument_group(
+        "renting (--rent QUERY EXPERIMENT: find, create, check, train, bring home, destroy)"
+    )
+    rent.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=DEFAULT_BOOT_TIMEOUT_S,
+        metavar="S",
+        help="per boot stage (an SSH port mapped, then answering): give up on the machine "
+        "after this many seconds (default 600)",
+    )
+    rent.add_argument(
+        "--max-total-usd", type=float, metavar="USD", help="never spend more over all machines"
+    )
+    rent.add_argument(
+        "--max-attempts",
+        type=int,
+        default=DEFAULT_MAX_ATTEMPTS,
+        help="machines to try at most (default 5)",
+    )
+    rent.add_argument(
+        "--disk", type=float, metavar="GB", help="disk to rent (default: QUERY's --min-disk or 50)"
+    )
+    rent.add_argument("--keep", action="store_true", help="keep the machine running at the end")
+    rent.add_argument(
+        "--skip-bad-hours",
+        type=float,
+        default=DEFAULT_SKIP_BAD_HOURS,
+        metavar="H",
+        help="skip a host that failed within this many hours (default 24)",
+    )
+    rent.add_argument(
+        "--state-file",
+        help="the rent state file (default: RENT_STATE_FILE or "
+        "~/.config/gpu-train-kit/rented.json)",
+    )
+    rent.add_argument("--poll-interval", type=float, default=5.0, help=argparse.SUPPRESS)
     parser.add_argument("--tmux-socket", help=argparse.SUPPRESS)  # tests: a tmux of their own
     return parser
+
+
+RENT_ONLY = ("max_total_usd", "disk", "keep", "state_file")
+
+
+def take_rent(argv: list[str]) -> tuple[list[str], object | None]:
+    """``--rent QUERY ...``: (the argv with a placeholder HOST, the provider's query), or the
+    argv unchanged and None without --rent."""
+    if "--rent" not in argv:
+        return argv, None
+    argv = [token for token in argv if token != "--rent"]
+    key = "vast"
+    for index, token in enumerate(argv):
+        if token == "--provider" and index + 1 < len(argv):
+            key = argv[index + 1]
+        elif token.startswith("--provider="):
+            key = token.partition("=")[2]
+    if key not in PROVIDER_KEYS:
+        raise UsageError(f"--provider {key}: choose one of {', '.join(sorted(PROVIDER_KEYS))}")
+    try:
+        query, rest = parse_rent_query(key, argv)
+    except RentQueryError as error:
+        raise UsageError(str(error)) from None
+    return [RENTED_HOST, *rest], query
+
+
+def check_rent_args(args: argparse.Namespace, experiments: list[Experiment]) -> None:
+    """--rent's settings, or the rent-only flags given without it: UsageError."""
+    if args.rent_query is None:
+        given = [name for name in RENT_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} goes with --rent")
+        return
+    if not experiments or args.status or args.attach or args.monitor:
+        raise UsageError(f"--rent needs an experiment: --rent QUERY {_example()} [key=value ...]")
+    if args.machine:
+        raise UsageError("--rent creates its own machine: leave out --machine")
+    if args.keep and (args.destroy_after or args.stop_after):
+        raise UsageError("--keep, --stop-after and --destroy-after exclude each other")
+    if args.boot_timeout <= 0:
+        raise UsageError(f"--boot-timeout {args.boot_timeout:g} must be > 0 seconds")
+    if args.max_attempts < 1:
+        raise UsageError(f"--max-attempts {args.max_attempts} must be at least 1")
+    if args.max_total_usd is not None and args.max_total_usd <= 0:
+        raise UsageError(f"--max-total-usd {args.max_total_usd:g} must be > 0 (e.g. 5)")
+    if args.disk is not None and args.disk <= 0:
+        raise UsageError(f"--disk {args.disk:g} must be a positive number of GB")
+    if args.skip_bad_hours < 0:
+        raise UsageError(f"--skip-bad-hours {args.skip_bad_hours:g} must be >= 0")
+    if args.disk is None:
+        args.disk = getattr(args.rent_query, "min_disk", None) or DEFAULT_DISK_GB
+    args.provider = args.provider or "vast"
+    args.check = True  # a rented machine is measured before it trains
+
+
+def _without_config_paths(args: list[str]) -> list[str]:
+    """``args`` less ``--config PATH`` / ``--config=PATH`` (the path is no override)."""
+    rest: list[str] = []
+    tokens = list(args)
+    while tokens:
+        token = tokens.pop(0)
+        if token == "--config":
+            if tokens:
+                tokens.pop(0)
+        elif not token.startswith("--config="):
+            rest.append(token)
+    return rest
 
 
 def experiment_of(path_text: str, args: list[str], repo_root: Path = REPO_ROOT) -> Experiment:
@@ -189,7 +299,7 @@ def experiment_of(path_text: str, args: list[str], repo_root: Path = REPO_ROOT) 
             f"experiment {path_text} is outside the repo ({repo_root}): only the repo is synced, "
             "so put the file under experiments/"
         ) from None
-    bad = [arg for arg in args if not _is_override(arg) and not arg.startswith("--config")]
+    bad = [arg for arg in _without_config_paths(args) if not _is_override(arg)]
     if bad:
         raise UsageError(
             f"'{bad[0]}' is not key=value: experiment settings look like trainer.max_steps=300"
@@ -202,9 +312,11 @@ def _example() -> str:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Experiment]]:
+    argv, rent_query = take_rent(list(argv))
     main_argv, also_groups = split_also(argv)
     main_argv, config = extract_config(main_argv)
     args = build_parser().parse_intermixed_args(main_argv)
+    args.rent_query = rent_query
     experiments: list[Experiment] = []
     if args.experiment:
         experiments.append(experiment_of(args.experiment, [*config, *args.overrides]))
@@ -244,7 +356,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[Experiment]]:
             raise UsageError(f"--export-args for --export {args.export}: {error}") from None
     if args.export and (args.status or args.monitor):
         raise UsageError("--export goes with a run or --attach")
-    if bool(args.provider) != bool(args.machine):
+    check_rent_args(args, experiments)
+    if args.rent_query is None and bool(args.provider) != bool(args.machine):
         raise UsageError("--provider and --machine go together, e.g. --provider runpod --pod ID")
     if args.min_gpu_efficiency is not None:
         if not 0 < args.min_gpu_efficiency <= 1:

@@ -128,6 +128,7 @@ class RemoteTrain:
         self.run_names: list[str] = [args.attach] if args.attach else []
         self.local_dir = Path(args.local_dir or default_local_dir(args.host)).expanduser()
         self.exported: list[str] = []  # the host's run dirs the export stage exported
+        self.last_outcome: Outcome | None = None  # how the runs ended, once followed
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -244,7 +245,8 @@ class RemoteTrain:
                 overall = "[check] no GPU here, and --min-gpu-efficiency needs one"
             if code == EXIT_BELOW_EFFICIENCY:
                 release = ""
-                if self.instance is not None:
+                # --rent releases the machine itself, at once: no command to hand over.
+                if self.instance is not None and getattr(self.args, "rent_query", None) is None:
                     action = self.shutdown_action or "destroy"
                     release = (
                         f"; nothing has trained there, so nothing needs downloading: release it "
@@ -501,6 +503,18 @@ class RemoteTrain:
             )
         return max(matching, key=lambda s: s["created_at"])["session"]
 
+    def prepare_host(self) -> None:
+        """sync, install, check, over the open connection: the host is ready to train."""
+        self.sync()
+        if not self.args.no_install:
+            self.install()
+        if self.args.check:
+            self.check()
+
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.session.close()
+
     def run(self) -> int:
         found = self.connect()
         assert self.host is not None
@@ -511,58 +525,59 @@ class RemoteTrain:
                 return self.monitor(found)
             if self.args.attach:
                 session = self.find_session(found, self.args.attach)
-                attaching = True
                 what = f"following run '{self.args.attach}' (tmux session {session})"
-            else:
-                self.sync()
-                if not self.args.no_install:
-                    self.install()
-                if self.args.check:
-                    self.check()
-                if not self.experiments:  # --check alone: the machine is measured, and passed
-                    self.say(f"{self.args.host} passed the check; nothing was trained")
-                    return 0
-                what = ", then ".join(e.describe() for e in self.experiments)
-                session, attaching = None, False
-            with self.reporter.stage("train", what) as stage:
-                if session is None:
-                    session, attaching = self.start()
-                outcome = self.follow(session, attaching)
-                if outcome is None:
-                    stage.ended_as = "detached"
-                else:
-                    self.report(outcome)
-                    if outcome.failure:
-                        stage.fail(outcome.failure)
-            if outcome is None:
-                name = self.run_names[0] if self.run_names else session
-                self.say(
-                    f"detached: training goes on on {self.args.host} (tmux session {session}); "
-                    f"follow it, and retrieve it when it ends, with: {self.attach_command(name)}"
-                )
-                return EXIT_DETACHED
-            targets = self.retrieve_targets(outcome.states)
-            train_failure = stage.failure
-            if train_failure is None and self.args.export:
-                try:
-                    self.export(outcome)
-                except StageError as error:  # reported; the run itself still comes home
-                    self.reporter.error(error)
-                    train_failure = error
-            if train_failure is None:
-                self.retrieve_and_verify(targets)
-            else:
-                try:  # a crashed run's outputs still come home; the exit code stays train's
-                    self.retrieve_and_verify(targets)
-                except StageError as error:
-                    self.reporter.error(error)
-                if self.shutdown_action:
-                    self.say(
-                        f"the {self.shutdown_action} is skipped: the {train_failure.stage} "
-                        "stage failed"
-                    )
-                return train_failure.exit_code
-            self.shutdown(outcome, targets)
-            return EXIT_INTERRUPTED if outcome.interrupted else 0
+                return self.train_and_bring_home(session, what)
+            self.prepare_host()
+            if not self.experiments:  # --check alone: the machine is measured, and passed
+                self.say(f"{self.args.host} passed the check; nothing was trained")
+                return 0
+            return self.train_and_bring_home()
         finally:
-            self.host.session.close()
+            self.close()
+
+    def train_and_bring_home(self, session: str | None = None, what: str | None = None) -> int:
+        """train (start, or follow ``session``) [-> export] -> retrieve -> verify -> shutdown,
+        over the open connection; the exit code. ``remote_train --rent`` calls it after
+        ``connect`` and ``prepare_host`` on each machine it rents."""
+        attaching = session is not None
+        what = what or ", then ".join(e.describe() for e in self.experiments)
+        with self.reporter.stage("train", what) as stage:
+            if session is None:
+                session, attaching = self.start()
+            outcome = self.follow(session, attaching)
+            if outcome is None:
+                stage.ended_as = "detached"
+            else:
+                self.report(outcome)
+                if outcome.failure:
+                    stage.fail(outcome.failure)
+        if outcome is None:
+            name = self.run_names[0] if self.run_names else session
+            self.say(
+                f"detached: training goes on on {self.args.host} (tmux session {session}); "
+                f"follow it, and retrieve it when it ends, with: {self.attach_command(name)}"
+            )
+            return EXIT_DETACHED
+        self.last_outcome = outcome
+        targets = self.retrieve_targets(outcome.states)
+        train_failure = stage.failure
+        if train_failure is None and self.args.export:
+            try:
+                self.export(outcome)
+            except StageError as error:  # reported; the run itself still comes home
+                self.reporter.error(error)
+                train_failure = error
+        if train_failure is None:
+            self.retrieve_and_verify(targets)
+        else:
+            try:  # a crashed run's outputs still come home; the exit code stays train's
+                self.retrieve_and_verify(targets)
+            except StageError as error:
+                self.reporter.error(error)
+            if self.shutdown_action:
+                self.say(
+                    f"the {self.shutdown_action} is skipped: the {train_failure.stage} stage failed"
+                )
+            return train_failure.exit_code
+        self.shutdown(outcome, targets)
+        return EXIT_INTERRUPTED if outcome.interrupted else 0

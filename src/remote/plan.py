@@ -71,8 +71,9 @@ def needed_keys(cfg: Any) -> list[str]:
     return needs
 
 
-def plan_run(experiment: str, args: list[str], repo_root: Path) -> dict[str, Any]:
-    """{run_name, run_dir, output_root, needs_keys}; ConfigError with one line on bad input."""
+def merged_config(experiment: str, args: list[str], repo_root: Path, where: str = "host") -> Any:
+    """The experiment's config file merged with its ``key=value`` overrides (not checked
+    further); ConfigError with one line on bad input."""
     config_path, overrides = parse_cli(args)
     if config_path is None:
         load_dotenv_file()  # DEV_MODE may come from the host's .env
@@ -80,15 +81,22 @@ def plan_run(experiment: str, args: list[str], repo_root: Path) -> dict[str, Any
         path = default_config_path(dev, prod)
     else:
         path = Path(config_path)
+        if not path.is_absolute() and not path.is_file():
+            path = repo_root / path
     if not path.is_file():
-        raise ConfigError(f"config file not found on the host: {path}")
+        raise ConfigError(f"config file not found on the {where}: {path}")
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ConfigError(f"override '{bad[0]}' is not key=value (e.g. trainer.max_steps=300)")
     try:
-        cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+        return OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
     except Exception as error:  # yaml or dotlist syntax: the experiment would say the same
         raise ConfigError(f"cannot read {path} with the overrides: {error}") from None
+
+
+def plan_run(experiment: str, args: list[str], repo_root: Path) -> dict[str, Any]:
+    """{run_name, run_dir, output_root, needs_keys}; ConfigError with one line on bad input."""
+    cfg = merged_config(experiment, args, repo_root)
     run_name = str(OmegaConf.select(cfg, "run_name", default=None) or ExperimentConfig.run_name)
     output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None) or DEFAULT_PERSISTENT_DIR
     try:

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
 
-# In the order of their exit codes (connect 10 ... shutdown 16, export 17, check 18); export
-# (between train and retrieve) and check (between install and train) came later, so they
-# take the next free codes.
+# In the order of their exit codes (connect 10 ... shutdown 16, export 17, check 18, rent 19);
+# export (between train and retrieve), check (between install and train) and rent (before
+# connect: find, create and boot a machine) came later, so they take the next free codes.
 STAGES = (
     "connect",
     "sync",
@@ -27,6 +27,7 @@ STAGES = (
     "shutdown",
     "export",
     "check",
+    "rent",
 )
 STAGE_EXIT = {name: 10 + index for index, name in enumerate(STAGES)}
 EXIT_USAGE = 2

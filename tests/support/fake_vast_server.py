@@ -38,6 +38,7 @@ class Recorded:
     query: dict[str, list[str]]
     headers: dict[str, str]
     body: Any
+    at: float = field(default_factory=time.time)  # when it arrived
 
 
 def sample_instances(ssh_port: int = 20022) -> dict[int, dict[str, Any]]:
@@ -143,6 +144,7 @@ class FakeVast:
         self.created_ports: dict[str, Any] | None = None
         self.created_ip = "192.0.2.50"  # a test points new instances at its own sshd
         self.next_id = 500
+        self.rented: dict[int, int] = {}  # offer id -> the newest instance made from it
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
 
@@ -181,10 +183,11 @@ class FakeVast:
                 self.instances[instance_id]["actual_status"] = state
                 return 200, {"success": True}, {}
         if path == "/api/v0/bundles/" and method == "POST":
-            return 200, {"offers": [dict(o) for o in self.offers]}, {}
+            return 200, {"offers": [self._public(o) for o in self.offers]}, {}
         if parts[:3] == ["api", "v0", "asks"] and method == "PUT":
             new_id = self.next_id
             self.next_id += 1
+            offer = next((o for o in self.offers if str(o["id"]) == parts[3]), {})
             self.instances[new_id] = {
                 "id": new_id,
                 "label": (body or {}).get("label"),
@@ -200,10 +203,30 @@ class FakeVast:
                 "_polls": 0,
                 "status_msg": "queued",
             }
+            if "_ssh_port" in offer:  # this offer's own machine: a port, or never one (None)
+                port = offer["_ssh_port"]
+                self.instances[new_id].update(
+                    dph_total=offer.get("dph_total"),
+                    _ports=None if port is None else {"22/tcp": [{"HostPort": str(port)}]},
+                    _offer=offer["id"],
+                )
+                if port is None:  # not even the proxy: nothing answers SSH for it
+                    self.instances[new_id].update(ssh_host=None, ssh_port=None)
+                self.rented[offer["id"]] = new_id
             return 200, {"success": True, "new_contract": new_id}, {}
         if path == "/api/v0/users/current/":
             return 200, {"id": 1, "balance": 12.5, "email": "user@example.com"}, {}
         return 404, {"success": False, "error": "not_found", "msg": path}, {}
+
+    def vanish(self, instance_id: int) -> None:
+        """The host is gone: the API no longer knows the instance (404)."""
+        with self.lock:
+            self.instances.pop(instance_id, None)
+
+    def instance_of_offer(self, offer_id: int) -> int | None:
+        """The newest instance rented from ``offer_id`` (destroyed or not)."""
+        with self.lock:
+            return self.rented.get(offer_id)
 
     def _list_page(self, query: dict) -> dict[str, Any]:
         ids = sorted(self.instances)
@@ -226,8 +249,9 @@ class FakeVast:
                 instance["actual_status"] = "running"
                 instance["status_msg"] = "running"
                 instance["start_date"] = time.time()
-                if self.created_ports is not None:
-                    instance["ports"] = self.created_ports
+                ports = instance["_ports"] if "_ports" in instance else self.created_ports
+                if ports is not None:
+                    instance["ports"] = ports
             elif instance["_polls"] >= 1:
                 instance["actual_status"] = "loading"
                 instance["status_msg"] = "pulling image"

@@ -85,14 +85,24 @@ def _wait_listening(port: int, process: subprocess.Popen, timeout: float = 10.0)
     raise RuntimeError(f"sshd did not listen on port {port} within {timeout} s")
 
 
-def start_sshd(workdir: Path) -> tuple[SshServer, subprocess.Popen]:
+def start_sshd(
+    workdir: Path, extra_config: str = "", keys_from: SshServer | None = None
+) -> tuple[SshServer, subprocess.Popen]:
+    """A new sshd. ``extra_config``: more sshd_config lines (``SetEnv NAME=value`` for the
+    sessions). ``keys_from``: the same host and client keys as that server, its known_hosts
+    file extended with this port, so one set of SSH options reaches both (as several rented
+    machines reached with one key)."""
     if not SSHD.exists():
         raise RuntimeError(f"{SSHD} not found: apt-get install openssh-server (CI does)")
     workdir.mkdir(parents=True, exist_ok=True)
-    host_key = workdir / "host_ed25519"
-    client_key = workdir / "client_ed25519"
-    _keygen(host_key)
-    _keygen(client_key)
+    if keys_from is None:
+        host_key = workdir / "host_ed25519"
+        client_key = workdir / "client_ed25519"
+        _keygen(host_key)
+        _keygen(client_key)
+    else:
+        host_key = keys_from.workdir / "host_ed25519"
+        client_key = keys_from.client_key
     authorized = workdir / "authorized_keys"
     authorized.write_text(client_key.with_suffix(".pub").read_text())
     authorized.chmod(0o600)
@@ -115,10 +125,13 @@ def start_sshd(workdir: Path) -> tuple[SshServer, subprocess.Popen]:
         "MaxSessions 100\n"
         "Subsystem sftp internal-sftp\n"
         "LogLevel INFO\n"  # "Accepted publickey" lines: tests count SSH logins
+        f"{extra_config}"
     )
-    known_hosts = workdir / "known_hosts"
+    known_hosts = keys_from.known_hosts if keys_from is not None else workdir / "known_hosts"
     public_host_key = host_key.with_suffix(".pub").read_text().split()
-    known_hosts.write_text(f"[127.0.0.1]:{port} {public_host_key[0]} {public_host_key[1]}\n")
+    line = f"[127.0.0.1]:{port} {public_host_key[0]} {public_host_key[1]}\n"
+    with open(known_hosts, "a") as handle:
+        handle.write(line)
     Path("/run/sshd").mkdir(exist_ok=True)  # Debian's sshd insists on its privsep dir
     process = subprocess.Popen(
         [str(SSHD), "-D", "-e", "-f", str(config)],

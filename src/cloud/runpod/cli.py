@@ -109,12 +109,19 @@ def _price(gpu: dict[str, Any], cloud: str, spot: bool) -> float | None:
     return value if value > 0 else None
 
 
-def cmd_search(client: RunPodClient, args: argparse.Namespace) -> int:
+def check_search_args(args: argparse.Namespace) -> None:
     if args.max_price is not None and args.max_price < 0:
         raise UsageError(f"--max-price {args.max_price:g} must be >= 0 $/h")
+
+
+def matching_gpus(
+    gpu_types: list[dict[str, Any]], args: argparse.Namespace
+) -> list[tuple[float, str, dict[str, Any]]]:
+    """(price, cloud, GPU type) for each GPU type and cloud the filter lets through, cheapest
+    first."""
     clouds = ["secure", "community"] if args.cloud == "all" else [args.cloud]
     rows = []
-    for gpu in client.gpu_types():
+    for gpu in gpu_types:
         name = str(gpu.get("displayName") or gpu.get("id") or "?")
         if args.gpu and args.gpu.lower() not in f"{name} {gpu.get('id', '')}".lower():
             continue
@@ -128,6 +135,12 @@ def cmd_search(client: RunPodClient, args: argparse.Namespace) -> int:
                 continue
             rows.append((price, cloud, gpu))
     rows.sort(key=lambda row: row[0])
+    return rows
+
+
+def cmd_search(client: RunPodClient, args: argparse.Namespace) -> int:
+    check_search_args(args)
+    rows = matching_gpus(client.gpu_types(), args)
     if args.json:
         _print_json([{"price": p, "cloud": c, **g} for p, c, g in rows])
         return EXIT_OK
@@ -284,6 +297,15 @@ def cmd_terminate(client: RunPodClient, args: argparse.Namespace) -> int:
 # -- argument parsing ------------------------------------------------------------------------
 
 
+def add_search_arguments(search: argparse.ArgumentParser) -> None:
+    """The filter of `search`, which `remote_train --rent --provider runpod` takes as well."""
+    search.add_argument("--gpu", help='part of the name, e.g. "4090"')
+    search.add_argument("--cloud", choices=["secure", "community", "all"], default="all")
+    search.add_argument("--spot", action="store_true", help="spot (interruptible) prices")
+    search.add_argument("--max-price", type=float, help="max $/h per GPU")
+    search.add_argument("--min-vram", type=float, help="min GPU memory, GB")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Manage RunPod pods (docs/runpod.md).")
     parser.add_argument("--url", help="REST base URL (default: RUNPOD_REST_URL or rest.runpod.io)")
@@ -297,11 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     search = sub.add_parser("search", help="GPU types with $/h (secure/community, spot)")
-    search.add_argument("--gpu", help='part of the name, e.g. "4090"')
-    search.add_argument("--cloud", choices=["secure", "community", "all"], default="all")
-    search.add_argument("--spot", action="store_true", help="spot (interruptible) prices")
-    search.add_argument("--max-price", type=float, help="max $/h per GPU")
-    search.add_argument("--min-vram", type=float, help="min GPU memory, GB")
+    add_search_arguments(search)
     search.add_argument("--json", action="store_true")
 
     create = sub.add_parser("create", help="create a pod")

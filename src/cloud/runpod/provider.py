@@ -136,6 +136,10 @@ class RunPodProvider:
             retry=retry,
         )
 
+    def open_client(self, retry: RetryPolicy = ACCOUNT_RETRY) -> RunPodClient:
+        """A client on this account (``src.cloud.runpod.renting`` rents through it)."""
+        return self._client(retry)
+
     def machine_at(self, hostname: str, port: int) -> Machine | None:
         with self._client() as client:
             pod = find_pod_by_address(client.list_pods(), hostname, port)

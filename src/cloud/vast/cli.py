@@ -113,7 +113,7 @@ def build_offer_query(args: argparse.Namespace) -> dict[str, Any]:
     return query
 
 
-def _offer_price(offer: dict[str, Any], interruptible: bool) -> float:
+def offer_price(offer: dict[str, Any], interruptible: bool) -> float:
     key = "min_bid" if interruptible and offer.get("min_bid") is not None else "dph_total"
     try:
         return float(offer.get(key))
@@ -124,7 +124,7 @@ def _offer_price(offer: dict[str, Any], interruptible: bool) -> float:
 def cmd_search(client: VastClient, args: argparse.Namespace) -> int:
     check_search_args(args)
     offers = client.search_offers(build_offer_query(args))
-    offers.sort(key=lambda offer: _offer_price(offer, args.interruptible))
+    offers.sort(key=lambda offer: offer_price(offer, args.interruptible))
     if args.json:
         _print_json(offers)
         return EXIT_OK
@@ -134,7 +134,7 @@ def cmd_search(client: VastClient, args: argparse.Namespace) -> int:
     kind = "interruptible (min bid)" if args.interruptible else "on-demand"
     table = Table("offer id", "GPU", "$/h", "disk GB", "reliability", "location", title=f"{kind}")
     for offer in offers:
-        price = _offer_price(offer, args.interruptible)
+        price = offer_price(offer, args.interruptible)
         reliability = offer.get("reliability2", offer.get("reliability"))
         table.add_row(
             str(offer.get("id", "-")),
@@ -331,6 +331,19 @@ def cmd_set_state(client: VastClient, args: argparse.Namespace) -> int:
 # -- argument parsing ------------------------------------------------------------------------
 
 
+def add_search_arguments(search: argparse.ArgumentParser) -> None:
+    """The offer filter of `search`, which `remote_train --rent QUERY` takes as well."""
+    search.add_argument("--gpu", help='GPU name as Vast.ai spells it, e.g. "RTX 4090"')
+    search.add_argument("--num-gpus", type=int, default=1)
+    search.add_argument(
+        "--max-price", type=float, help="max $/h (with --interruptible: max min_bid)"
+    )
+    search.add_argument("--min-disk", type=float, help="min disk GB")
+    search.add_argument("--min-reliability", type=float, help="0..1, e.g. 0.98")
+    search.add_argument("--interruptible", action="store_true", help="bid (spot) offers")
+    search.add_argument("--limit", type=int, default=20, help="at most this many offers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch_vast.py", description="Manage Vast.ai instances (docs/vast_and_sync.md)."
@@ -346,15 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     search = sub.add_parser("search", help="offers sorted by price")
-    search.add_argument("--gpu", help='GPU name as Vast.ai spells it, e.g. "RTX 4090"')
-    search.add_argument("--num-gpus", type=int, default=1)
-    search.add_argument(
-        "--max-price", type=float, help="max $/h (with --interruptible: max min_bid)"
-    )
-    search.add_argument("--min-disk", type=float, help="min disk GB")
-    search.add_argument("--min-reliability", type=float, help="0..1, e.g. 0.98")
-    search.add_argument("--interruptible", action="store_true", help="bid (spot) offers")
-    search.add_argument("--limit", type=int, default=20, help="at most this many offers")
+    add_search_arguments(search)
     search.add_argument("--json", action="store_true", help="the offers as JSON (all fields)")
 
     create = sub.add_parser("create", help="rent an offer")

@@ -106,6 +106,10 @@ class VastProvider:
     def _client(self, retry: RetryPolicy = ACCOUNT_RETRY) -> VastClient:
         return VastClient(self._api_key, self._base_url, timeout=self.timeout_s, retry=retry)
 
+    def open_client(self, retry: RetryPolicy = ACCOUNT_RETRY) -> VastClient:
+        """A client on this account (``src.cloud.vast.renting`` rents through it)."""
+        return self._client(retry)
+
     def machine_at(self, hostname: str, port: int) -> Machine | None:
         with self._client() as client:
             instance = find_instance_by_address(client.iter_instances(), hostname, port)

@@ -43,7 +43,11 @@ def configured_provider(key: str, settings: Mapping[str, str]) -> Provider:
     for provider in configured_providers(settings):
         if provider.name == PROVIDER_KEYS[key]:
             return provider
-    raise CredentialsMissing(f"--provider {key} needs {CREDENTIALS_HINT}")
+    keys = {
+        "vast": f"a Vast.ai API key ({KEY_ENV})",
+        "runpod": f"a RunPod API key ({RUNPOD_KEY_ENV})",
+    }
+    raise CredentialsMissing(f"--provider {key} needs {keys[key]} in the environment or .env")
 
 
 # The providers `remote_train --rent` can rent from, and how each reads its search filter.

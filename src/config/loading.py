@@ -190,6 +190,7 @@ def validate(cfg: DictConfig, source: str) -> None:
     checks = [
         ("trainer.precision", trainer.precision in {"fp32", "bf16", "fp16"}, "fp32|bf16|fp16"),
         ("trainer.grad_accum_steps", trainer.grad_accum_steps >= 1, "an integer >= 1"),
+        ("trainer.strategy", trainer.strategy in {"ddp", "fsdp"}, "ddp|fsdp"),
         ("trainer.max_epochs", trainer.max_epochs >= 1, "an integer >= 1"),
         ("trainer.max_steps", trainer.max_steps == -1 or trainer.max_steps >= 1, "-1 or >= 1"),
         ("trainer.log_every_n_steps", trainer.log_every_n_steps >= 1, "an integer >= 1"),

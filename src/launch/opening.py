@@ -57,6 +57,19 @@ class OpenedRun:
         return self.layout.root
 
     @property
+    def recorded_resume_settings(self) -> dict[str, Any] | None:
+        """The resume settings of the checkpoint a resume starts from (the newest local one,
+        else the bucket's newer one)."""
+        for record in (
+            self.remote_newest,
+            self.local_checkpoints[0].to_json() if self.local_checkpoints else None,
+        ):
+            saved = (record or {}).get("metadata", {}).get("resume_settings")
+            if isinstance(saved, dict):
+                return {"world_size": 1, **saved}
+        return None
+
+    @property
     def recorded_batch_size(self) -> int | None:
         """The size ``data.batch_size=auto`` found earlier in this run (the newest local
         checkpoint's, else the bucket's newer one's): a resume must not measure again."""

@@ -201,6 +201,7 @@ def test_sigkill_during_an_async_sharded_save_uses_the_previous_checkpoint(
         "model.num_layers=3",
         "checkpoint.every_n_steps=1",
         "checkpoint.keep_last_n=2",
+        "trainer.max_epochs=1",
     )
     run_dir = tmp_path / "killed"
     checkpoints = run_dir / "checkpoints"
@@ -218,7 +219,7 @@ def test_sigkill_during_an_async_sharded_save_uses_the_previous_checkpoint(
     deadline = time.monotonic() + 60
     while writing() is None and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
-    os.killpg(process.pid, signal.SIGKILL)
+    sigkill_tree(process.pid)  # the machine is gone: agent and ranks at once
     process.communicate(timeout=60)
     half_written = writing()
     assert half_written is not None, "the kill missed every save: no half-written folder"
@@ -230,8 +231,25 @@ def test_sigkill_during_an_async_sharded_save_uses_the_previous_checkpoint(
         resumed.stdout
     )
     assert "skipping checkpoint" not in resumed.stdout + resumed.stderr  # never listed
-    assert newest_checkpoint_step(run_dir) == TOTAL_STEPS
+    assert newest_checkpoint_step(run_dir) == TOTAL_STEPS // 2
     assert not half_written.exists() or half_written.with_suffix(".json").exists()
+
+
+def sigkill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process under it. torchrun starts its ranks in sessions of
+    their own, so a SIGKILL to the agent's group alone leaves them running."""
+    tree, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        tree.append(parent)
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = (task / "children").read_text().split() if task.exists() else []
+            todo += [int(child) for child in children]
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture()
@@ -259,9 +277,7 @@ def test_sharded_checkpoint_in_s3_resumes_on_a_fresh_disk(
     assert f"S3 mirror up to date: step {step}" in out, out + err
     keys = [
         item["Key"]
-        for item in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="ckpts/mirrored/")[
-            "Contents"
-        ]
+        for item in s3.client().list_objects_v2(Bucket=BUCKET, Prefix="ckpts/mirrored/")["Contents"]
     ]
     stem = f"ckpts/mirrored/checkpoints/step_{step:09d}"
     for name in (".metadata", "__0_0.distcp", "__1_0.distcp", "trainer.pt"):

@@ -225,7 +225,7 @@ class InterruptibleTrainer:
         )
         self.batches_per_epoch = math.ceil(len(self.sampler) / self.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self._accum)
-        self.total_steps = cfg.trainer.max_epochs * self.steps_per_epoch
+        self.total_steps = self._planned_steps()
         if cfg.trainer.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.trainer.max_steps)
         self.scheduler = warmup_cosine_schedule(self.optimizer, cfg.optim, self.total_steps)
@@ -574,6 +574,7 @@ class InterruptibleTrainer:
             metadata={
                 "epoch": self.state.epoch,
                 "batch_in_epoch": self.state.batch_in_epoch,
+                "samples_in_epoch": self.state.samples_in_epoch,
                 "batch_size": self.batch_size,  # the size data.batch_size=auto found
                 "effective_batch_size": self.effective_batch_size,
                 "resume_settings": self._resume_settings,  # checked before a re-run resumes
@@ -682,6 +683,27 @@ class InterruptibleTrainer:
     def _search_step(self, model: nn.Module, batch: Any) -> torch.Tensor:
         with self._autocast():
             return as_metrics(self.step_fn(model, batch))["loss"]
+
+    def _planned_steps(self) -> int:
+        """Optimizer steps to the end of ``max_epochs``. Resumed on another number of ranks,
+        the steps already taken, then the rest of the interrupted epoch and the epochs after
+        it at this many ranks (the LR schedule spans exactly the steps the run will take)."""
+        planned = self.cfg.trainer.max_epochs * self.steps_per_epoch
+        resume_from = self.opening.resume_metadata
+        saved_world = int((resume_from.get("resume_settings") or {}).get("world_size", 1))
+        if not resume_from or saved_world == self.dist.world_size:
+            return planned
+        epoch, step = int(resume_from.get("epoch", 0)), int(resume_from.get("step", 0))
+        if epoch >= self.cfg.trainer.max_epochs:
+            return step
+        consumed = resume_from.get("samples_in_epoch")
+        if consumed is None:  # recorded since world-size changes resume
+            per_device = int(resume_from.get("batch_size") or self.batch_size)
+            consumed = int(resume_from.get("batch_in_epoch", 0)) * per_device * saved_world
+        left = len(self.train_set) - int(consumed)  # type: ignore[arg-type]
+        batches_left = math.ceil(math.ceil(left / self.dist.world_size) / self.batch_size)
+        epochs_after = self.cfg.trainer.max_epochs - epoch - 1
+        return step + math.ceil(batches_left / self._accum) + epochs_after * self.steps_per_epoch
 
     @property
     def effective_batch_size(self) -> int:

@@ -133,19 +133,28 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sigterm_at_a_random_step_then_rerun_is_bit_identical(
     tmp_path: Path, reference: Path
 ) -> None:
+    """The stop checkpoint is written blocking; the periodic ones asynchronously (staged,
+    then written while training went on). The re-run starts from the newest asynchronous
+    one (the stop checkpoint set aside) and still ends bit-identical: the staged copy was the
+    state of its step. The S3 test below resumes from a stop checkpoint."""
     args = fsdp_args(tmp_path, "fsdp")
     run_dir = tmp_path / "fsdp"
-    out, err = stop_at(start(2, args, FSDP_STEP_SECONDS="0.03"), run_dir, random.randint(2, 20))
+    checkpoints = run_dir / "checkpoints"
+    out, err = stop_at(start(2, args, FSDP_STEP_SECONDS="0.03"), run_dir, random.randint(4, 20))
     step = stopped_step(out, 2)
-    folder = run_dir / "checkpoints" / f"step_{step:09d}"
+    folder = checkpoints / f"step_{step:09d}"
     assert folder.with_suffix(".json").is_file()
     shards = sorted(path.name for path in folder.iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "trainer.pt"], shards
     assert not (run_dir / "final_model.pt").exists()
+    folder.with_suffix(".json").unlink()  # un-committed: the previous checkpoint is newest
+    previous = newest_checkpoint_step(run_dir)
+    assert 2 <= previous < step
 
     resumed = run(2, args)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert resumed.stdout.count(f"resuming from {folder} at step {step} ") == 1
+    where = checkpoints / f"step_{previous:09d}"
+    assert resumed.stdout.count(f"resuming from {where} at step {previous} ") == 1
     assert "world size changed" not in resumed.stdout
     # Consolidated: the plain model's keys and whole tensors, as export reads them.
     assert_bit_identical(run_dir / "final_model.pt", reference / "final_model.pt")

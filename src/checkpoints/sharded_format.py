@@ -35,6 +35,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+# DCP's own staging helpers (what dcp.async_save uses), called directly so that the host
+# buffers are made once and reused: async_save allocates them anew at every save.
+from torch.distributed._state_dict_utils import (
+    CompanionMismatch,
+    _copy_state_dict,
+    _create_cpu_state_dict,
+)
+
 from src.checkpoints.record import CheckpointFile, CheckpointRecord, content_digest, verify_files
 from src.checkpoints.sidecar import (
     CHECKPOINT_PREFIX,
@@ -69,6 +77,24 @@ class ShardedFormat:
         # DCP's collectives run on the background thread: a group of their own (gloo: the
         # plans are CPU objects), never interleaved with the training's on the default group.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._host_buffers: dict[str, Any] | None = None  # the staging copy, reused
+
+    def _stage(self, sharded: dict[str, Any]) -> dict[str, Any]:
+        """This rank's shards copied into the reusable host buffers (pinned for CUDA): the
+        stall. DTensors stay DTensors (their local shard on the CPU), so DCP writes them as
+        shards; plain values are taken as they are now."""
+        if self._host_buffers is not None:
+            try:
+                return _copy_state_dict(sharded, self._host_buffers)
+            except (CompanionMismatch, ValueError, TypeError, RuntimeError):  # another layout
+                self._host_buffers = None
+        on_cuda = any(
+            isinstance(value, torch.Tensor) and value.is_cuda
+            for part in sharded.values()
+            for value in _tensors(part)
+        )
+        self._host_buffers = _create_cpu_state_dict(sharded, pin_memory=on_cuda)
+        return _copy_state_dict(sharded, self._host_buffers)
 
     def location(self, directory: Path, step: int) -> Path:
         return Path(directory) / checkpoint_stem(step)
@@ -92,15 +118,15 @@ class ShardedFormat:
         rest = io.BytesIO()
         if self.rank == 0:  # serialized now: the loop goes on changing these objects
             torch.save({k: v for k, v in state.items() if k not in SHARDED_KEYS}, rest)
-        if blocking:
+        if blocking:  # the caller waits: nothing changes under the write, no copy
             dcp.save(sharded, checkpoint_id=folder, process_group=self.group)
-            pending = None
         else:
-            pending = dcp.async_save(sharded, checkpoint_id=folder, process_group=self.group)
+            staged = self._stage(sharded)
 
         def finish() -> CheckpointRecord | None:
-            if pending is not None:
-                pending.result()  # on rank 0: every rank's shards and .metadata are on disk
+            if not blocking:  # on the manager's thread; the next save waits for it
+                # Returns on rank 0 once every rank's shards and .metadata are on disk.
+                dcp.save(staged, checkpoint_id=folder, process_group=self.group)
             if self.rank != 0:
                 return None
             atomic_write_bytes(folder / TRAINER_FILE, rest.getvalue())
@@ -175,3 +201,13 @@ class ShardedFormat:
         for folder in directory.glob(f"{CHECKPOINT_PREFIX}*"):
             if folder.is_dir() and not folder.with_suffix(SIDECAR_SUFFIX).exists():
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [tensor for item in value.values() for tensor in _tensors(item)]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []

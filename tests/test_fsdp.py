@@ -32,6 +32,7 @@ from tests.support.experiment import (
     experiment_env,
     load_weights,
     newest_checkpoint_step,
+    run_experiment,
     wait_for_checkpoint,
 )
 from tests.support.moto_server import AWS_ENV, MotoS3, running_moto_s3
@@ -309,7 +310,7 @@ def test_ddp_refuses_a_world_size_change_it_cannot_honour_in_one_line(tmp_path: 
         "trainer.grad_accum_steps=1",
         "trainer.strategy=ddp",
     ]
-    first = run(1, args)
+    first = run_experiment(args, env(), experiment=EXPERIMENT)  # plain python: one rank
     assert first.returncode == 0, first.stdout + first.stderr
     run_dir = tmp_path / "grown"
     before = {

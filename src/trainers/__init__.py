@@ -5,6 +5,6 @@ step, ``evaluate``, ``test``). Beside it, each helper holds one piece the loop u
 (the step contract and its defaults), ``train_state`` (counters, ``Outcome``, ``FitResult``),
 ``snapshot`` (what a checkpoint holds), ``lr_schedule``, ``cost_meter``, ``early_stopping``,
 ``progress`` (bar, logs, printed lines), ``device`` (device and precision), ``batch_size``
-(``data.batch_size=auto``), ``distributed`` (torchrun ranks), ``final_upload`` (the last S3
-uploads).
+(``data.batch_size=auto``), ``distributed`` (torchrun ranks), ``fsdp`` (FSDP2 sharding,
+``trainer.strategy=fsdp``), ``final_upload`` (the last S3 uploads).
 """

@@ -80,6 +80,12 @@ def shard_model(
             "trainer.strategy=fsdp shards over the ranks of torchrun: start the script with "
             "torchrun --nproc_per_node=N (1 works), or set trainer.strategy=ddp"
         )
+    if any(not parameter.requires_grad for parameter in model.parameters()):
+        raise ConfigError(
+            "trainer.strategy=fsdp shards models whose every parameter trains; this one is "
+            "partly frozen (LoRA): its checkpoints hold only what trains, so run it under "
+            "trainer.strategy=ddp"
+        )
     mesh = init_device_mesh(device.type, (info.world_size,))
     options: dict[str, Any] = {"mesh": mesh}
     dtype = PRECISION_DTYPES.get(precision)

@@ -25,7 +25,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from src.common.errors import ConfigError
+from src.data.resumable_sampler import ResumableSampler
+from src.trainers.fsdp import block_class
 from tests.support.experiment import (
     REPO_ROOT,
     assert_bit_identical,
@@ -120,6 +124,53 @@ def stopped_step(out: str, ranks: int) -> int:
     stopped = re.findall(r"stopped by SIGTERM at step (\d+)", out)
     assert len(stopped) == ranks and len(set(stopped)) == 1, out  # one step for all ranks
     return int(stopped[0])
+
+
+# ----- fast checks of the pieces ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "before", "after"), [(1640, 2, 1), (1000, 8, 4), (37, 3, 5)])
+def test_the_rest_of_an_epoch_is_shared_once_by_any_number_of_ranks(
+    size: int, before: int, after: int
+) -> None:
+    """Stopped after k batches per rank at ``before`` ranks, the ``after`` ranks read every
+    sample the first ones did not, each once (beyond the padding that evens their shares)."""
+    for batches, per_device in ((0, 4), (1, 4), (3, 2)):
+        first = [
+            ResumableSampler(size, seed=3, rank=rank, world_size=before) for rank in range(before)
+        ]
+        read = [i for sampler in first for i in list(sampler)[: batches * per_device]]
+        rest = []
+        for rank in range(after):
+            sampler = ResumableSampler(size, seed=3, rank=rank, world_size=after)
+            sampler.set_epoch(0, global_start=len(read))
+            rest += list(sampler)
+        counts = Counter(read + rest)
+        assert set(counts) == set(range(size))
+        padding = -(-(size - len(read)) // after) * after - (size - len(read))
+        assert sum(counts.values()) == size + padding
+
+
+def test_the_blocks_to_shard_are_the_repeated_class_or_the_named_one() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.Linear(4, 4)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 4)
+            self.blocks = nn.ModuleList([Block() for _ in range(3)])
+
+    assert block_class(Net()) is Block
+    assert block_class(Net(), "Linear") is nn.Linear
+    assert block_class(nn.Linear(2, 2)) is None  # nothing repeats: the root alone
+    with pytest.raises(ConfigError, match=r"trainer.fsdp_wrap='Layer' names no module"):
+        block_class(Net(), "Layer")
+
+
+# ----- real torchrun runs -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

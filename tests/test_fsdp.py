@@ -186,9 +186,10 @@ def test_sigterm_at_a_random_step_then_rerun_is_bit_identical(
     tmp_path: Path, reference: Path
 ) -> None:
     """The stop checkpoint is written blocking; the periodic ones asynchronously (staged,
-    then written while training went on). The re-run starts from the newest asynchronous
-    one (the stop checkpoint set aside) and still ends bit-identical: the staged copy was the
-    state of its step. The S3 test below resumes from a stop checkpoint."""
+    then written while training went on). One byte of the stop checkpoint's rank-1 shard is
+    flipped: the re-run finds the checksum wrong, starts from the newest asynchronous one and
+    still ends bit-identical (the staged copy was the state of its step). The S3 test below
+    resumes from a stop checkpoint itself."""
     args = fsdp_args(tmp_path, "fsdp")
     run_dir = tmp_path / "fsdp"
     checkpoints = run_dir / "checkpoints"
@@ -199,14 +200,22 @@ def test_sigterm_at_a_random_step_then_rerun_is_bit_identical(
     shards = sorted(path.name for path in folder.iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "trainer.pt"], shards
     assert not (run_dir / "final_model.pt").exists()
-    folder.with_suffix(".json").unlink()  # un-committed: the previous checkpoint is newest
-    previous = newest_checkpoint_step(run_dir)
-    assert 2 <= previous < step
+    shard = folder / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, another sha256
+    shard.write_bytes(bytes(data))
+    previous = max(
+        int(path.stem.split("_")[1])
+        for path in checkpoints.glob("step_*.json")
+        if int(path.stem.split("_")[1]) < step
+    )
 
     resumed = run(2, args)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     where = checkpoints / f"step_{previous:09d}"
     assert resumed.stdout.count(f"resuming from {where} at step {previous} ") == 1
+    skipped = f"skipping checkpoint {folder.name}: {folder.name}/__1_0.distcp: checksum mismatch"
+    assert skipped in resumed.stdout + resumed.stderr
     assert "world size changed" not in resumed.stdout
     # Consolidated: the plain model's keys and whole tensors, as export reads them.
     assert_bit_identical(run_dir / "final_model.pt", reference / "final_model.pt")

@@ -112,8 +112,10 @@ class ShardedFormat:
         """Every rank: stage (``blocking=False``) or write (``True``) this rank's shards now;
         the returned call finishes the write and, on rank 0, returns the uncommitted record."""
         folder = self.location(directory, step)
-        if self.rank == 0:
-            sidecar_path(directory, step).unlink(missing_ok=True)  # re-saving a step: old one off
+        if self.rank == 0:  # re-saving a step: the old one off, its shards too (another world
+            # size leaves others). Before DCP's collectives, so no rank writes in it yet.
+            sidecar_path(directory, step).unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
         sharded = {key: state[key] for key in SHARDED_KEYS}
         rest = io.BytesIO()
         if self.rank == 0:  # serialized now: the loop goes on changing these objects

@@ -18,7 +18,7 @@ train: setup  ## run the template experiment on the dev config (CPU or GPU, loca
 
 test:  ## install test dependencies (apt: openssh, rsync, tmux, slurm, munge) and run the test suite
 	bash setup/install_test_deps.sh
-	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile -p no:benchmark
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -p no:benchmark
 
 lint:  ## ruff check + format check
 	$(PYTHON) -m ruff check .

@@ -31,21 +31,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
+from src.data.synthetic import RandomTokens
 from src.integrations.hf_trainer import run_interruptible
 
 SEQUENCE, VOCAB, SAMPLES = 64, 256, 512
-
-
-class TokenSet(torch.utils.data.Dataset):
-    def __init__(self) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, VOCAB, (SAMPLES, SEQUENCE), generator=generator)
-
-    def __len__(self) -> int:
-        return SAMPLES
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
 def build_trainer(output_dir: Path, steps: int, save_steps: int) -> Trainer:
@@ -75,7 +64,8 @@ def build_trainer(output_dir: Path, steps: int, save_steps: int) -> Trainer:
         bf16=cuda,
         seed=0,
     )
-    return Trainer(model=LlamaForCausalLM(config), args=args, train_dataset=TokenSet())
+    tokens = RandomTokens(SAMPLES, SEQUENCE, VOCAB)
+    return Trainer(model=LlamaForCausalLM(config), args=args, train_dataset=tokens)
 
 
 def steps_per_second(kit: bool, steps: int, save_steps: int) -> float:
@@ -100,7 +90,8 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     logging.getLogger("src").setLevel(logging.WARNING)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{args.steps} steps, a checkpoint every {args.save_steps}, {args.repeats} repeats, {device}")
+    print(f"{args.steps} steps, a checkpoint every {args.save_steps}, {args.repeats} repeats")
+    print(f"device: {device}")
     steps_per_second(False, 20, 10)  # warm-up: imports, allocator, first kernels
     ratios, plain_runs, kit_runs = [], [], []
     for repeat in range(args.repeats):

@@ -88,6 +88,11 @@ def steps(out: Path, has_wandb: bool, gpus: int) -> list[tuple[str, list[str], i
             + ([] if has_wandb else ["--no-wandb"]),
             150,
         ),
+        (
+            "HF Trainer overhead",
+            [PY, str(bench / "bench_hf_trainer.py"), "--steps", "150", "--repeats", "3"],
+            150,
+        ),
     ]
     if gpus >= 2:
         plan.append(("DDP/NCCL", [PY, str(bench / "bench_ddp.py"), "--repeats", "2"], 150))

@@ -103,6 +103,7 @@ from src.runs.layout import RunLayout
 
 if not result.interrupted:
     saved = save_adapters(trainer, run_dir)  # final_adapter/, best_adapter/: whole or not at all
-    test = trainer.evaluate(test_set, metric_key_prefix="test")
-    RunLayout(run_dir).test_results.write_text(json.dumps(test, indent=2))
-    print(f"adapters in {', '.join(map(str, saved))}; test loss {test['test_loss']:.4f}")
+    test = trainer.evaluate(test_set, metric_key_prefix="test")  # every rank: a collective
+    if trainer.is_world_process_zero():
+        RunLayout(run_dir).test_results.write_text(json.dumps(test, indent=2))
+        print(f"adapters in {', '.join(map(str, saved))}; test loss {test['test_loss']:.4f}")

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import yaml
 from src.common.signals import EXIT_INTERRUPTED
 from src.config import ConfigError
 from src.sweeps.hparam import SweepSpec, expand_trials, load_sweep
-from tests.support.experiment import experiment_env, newest_checkpoint_step
+from tests.support.experiment import experiment_env, newest_checkpoint_step, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "sweep.py"
@@ -55,15 +54,6 @@ def run_sweep(config: Path, *overrides: str, timeout: float = 300) -> tuple[int,
 
 def attempts(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
-
-
-def wait_until(condition, what: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"sweep ended before {what}:\n{process.communicate()[0]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_grid_expands_every_combination_with_stable_run_names(tmp_path: Path) -> None:

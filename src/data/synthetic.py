@@ -56,3 +56,18 @@ def split(
     test_idx = order[num_val : num_val + num_test].tolist()
     train_idx = order[num_val + num_test :].tolist()
     return Subset(dataset, train_idx), Subset(dataset, val_idx), Subset(dataset, test_idx)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Random token sequences as a causal LM's dict samples (``labels`` = ``input_ids``): a
+    Hugging Face ``Trainer`` trains on it with nothing to download. Same tokens for a seed."""
+
+    def __init__(self, samples: int, length: int, vocab_size: int, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab_size, (samples, length), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}

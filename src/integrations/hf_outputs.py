@@ -18,8 +18,9 @@ from src.trainers.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_peft_model
 def save_adapters(trainer: Any, run_dir: Path) -> list[Path]:
     """``final_adapter/`` from the trained model, ``best_adapter/`` from the best checkpoint
     (when the Trainer tracked one and it still holds PEFT's files); each written whole or not
-    at all. The folders written; none for a model without adapters."""
-    if not is_peft_model(trainer.model):
+    at all. The folders written; none for a model without adapters, or on a rank other than
+    the first under torchrun (every rank holds the same adapters)."""
+    if not is_peft_model(trainer.model) or not trainer.is_world_process_zero():
         return []
     layout = RunLayout(run_dir)
     save_adapter(trainer.model, layout.final_adapter)

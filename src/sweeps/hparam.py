@@ -38,6 +38,7 @@ from src.common.paths import (
 from src.config import ConfigError, describe_config_error, load_yaml_mapping
 from src.runs.files import write_json
 from src.runs.layout import RunLayout
+from src.sweeps.optuna_space import make_pruner, make_sampler, parse_space
 from src.sweeps.runner import Task, TaskResult, run_tasks
 
 MAX_RUN_NAME = 120
@@ -58,6 +59,16 @@ class SweepSpec:
     direction: str = "minimize"  # minimize | maximize
     output_dir: str = DEFAULT_PERSISTENT_DIR  # trials' paths.output_dir
     gpus: list[int] = field(default_factory=list)  # e.g. [0, 1]: one trial per GPU at once
+    # An Optuna study (src/sweeps/optuna_study.py): method tpe or cmaes, or any method with
+    # n_trials set. The direction then comes from the experiment's trainer.monitor_mode.
+    n_trials: int = 0  # trials in the study, all workers together
+    pruner: str = "median"  # median | hyperband | none
+    pruner_args: dict[str, Any] = field(default_factory=dict)  # e.g. {n_startup_trials: 3}
+    sampler_args: dict[str, Any] = field(default_factory=dict)  # e.g. {n_startup_trials: 5}
+    storage: str | None = None  # postgresql://...; None: $OPTUNA_STORAGE, else SQLite here
+    heartbeat_s: int = 60  # a running trial's worker says it is alive this often
+    grace_s: int = 180  # silent this long: the trial is failed and retried by another worker
+    max_retry: int = 3  # retries of a trial whose worker vanished
 
 
 @dataclass
@@ -102,24 +113,35 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     return spec
 
 
+OPTUNA_ONLY_METHODS = ("tpe", "cmaes")
+
+
+def uses_optuna(spec: SweepSpec) -> bool:
+    """An Optuna study (tpe, cmaes, or n_trials set); else the plain grid/random sweep."""
+    return spec.method in OPTUNA_ONLY_METHODS or spec.n_trials > 0
+
+
 def _validate(spec: SweepSpec, source: str) -> None:
     def fail(message: str) -> None:
         raise ConfigError(f"{source}: {message}")
 
-    if spec.method not in {"grid", "random"}:
-        fail(f"sweep.method is {spec.method!r}, expected grid or random")
-    if spec.direction not in {"minimize", "maximize"}:
-        fail(f"sweep.direction is {spec.direction!r}, expected minimize or maximize")
+    if spec.method not in {"grid", "random", *OPTUNA_ONLY_METHODS}:
+        fail(f"sweep.method is {spec.method!r}, expected tpe, random, grid or cmaes")
     if not re.fullmatch(r"[A-Za-z0-9._=+-]+", spec.name):
         fail(f"sweep.name {spec.name!r} may hold only letters, digits and . _ = + -")
     if not spec.parameters:
         fail("sweep.parameters is empty: list at least one key, e.g. optim.lr: [1e-3, 3e-3]")
     if not experiment_path(spec).is_file():
         fail(f"sweep.experiment {experiment_path(spec)} does not exist")
-    if spec.config is not None and not _repo_path(spec.config).is_file():
-        fail(f"sweep.config {_repo_path(spec.config)} does not exist")
+    if spec.config is not None and not repo_path(spec.config).is_file():
+        fail(f"sweep.config {repo_path(spec.config)} does not exist")
     if any(gpu < 0 for gpu in spec.gpus) or len(set(spec.gpus)) != len(spec.gpus):
         fail(f"sweep.gpus {spec.gpus} must be distinct GPU indices >= 0, e.g. [0, 1]")
+    if uses_optuna(spec):
+        _validate_study(spec, fail)
+        return
+    if spec.direction not in {"minimize", "maximize"}:
+        fail(f"sweep.direction is {spec.direction!r}, expected minimize or maximize")
     if spec.method == "random" and spec.num_trials < 1:
         fail("sweep.num_trials must be >= 1 for random search")
     for key, values in spec.parameters.items():
@@ -134,12 +156,31 @@ def _validate(spec: SweepSpec, source: str) -> None:
             fail(f"sweep.parameters.{key}: log scale needs min > 0")
 
 
-def _repo_path(path: str) -> Path:
+def _validate_study(spec: SweepSpec, fail: Callable[[str], None]) -> None:
+    """An Optuna sweep's own settings; the search space through parse_space."""
+    if spec.n_trials < 1:
+        fail(f"sweep.n_trials must be >= 1 for an Optuna study (method {spec.method})")
+    if spec.gpus:
+        fail(
+            "sweep.gpus: an Optuna sweep runs one trial at a time; start one sweep.py per GPU "
+            "with CUDA_VISIBLE_DEVICES=N instead (they share the study)"
+        )
+    if spec.heartbeat_s < 1 or spec.grace_s <= spec.heartbeat_s:
+        fail("sweep.heartbeat_s must be >= 1 and sweep.grace_s larger than it")
+    try:
+        space = parse_space(spec.parameters, spec.method)
+        make_sampler(spec.method, space, spec.seed, dict(spec.sampler_args))
+        make_pruner(spec.pruner, dict(spec.pruner_args))
+    except ConfigError as error:
+        fail(str(error))
+
+
+def repo_path(path: str) -> Path:
     return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
 
 
 def experiment_path(spec: SweepSpec) -> Path:
-    return _repo_path(spec.experiment)
+    return repo_path(spec.experiment)
 
 
 def _sample(values: Any, rng: random.Random) -> Any:
@@ -204,7 +245,7 @@ def sweep_paths(spec: SweepSpec) -> SweepPaths:
 def build_tasks(spec: SweepSpec, trials: list[Trial], paths: SweepPaths) -> list[Task]:
     command = [sys.executable, str(experiment_path(spec))]
     if spec.config is not None:
-        command += ["--config", str(_repo_path(spec.config))]
+        command += ["--config", str(repo_path(spec.config))]
     tasks = []
     for trial in trials:
         run_dir = paths.output_dir / trial.run_name

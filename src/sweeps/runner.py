@@ -141,6 +141,9 @@ class _StopSignals:
         self.signal_name = signal.Signals(signum).name
         os.write(2, f"\n[sweep] {self.signal_name}: stopping running tasks, no new ones\n".encode())
         self.forward()
+        previous = self._previous.get(signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)  # the caller's own handler (an Optuna worker's stop flag)
 
     def forward(self) -> None:
         """Send the stop signal to each running child that has not had it yet."""

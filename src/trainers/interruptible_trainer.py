@@ -78,6 +78,7 @@ from src.trainers.distributed import (
     wrap_for_training,
 )
 from src.trainers.early_stopping import EarlyStopping
+from src.trainers.evaluation_hooks import Evaluation, run_evaluation_hooks
 from src.trainers.final_upload import finish_uploads
 from src.trainers.fsdp import (
     full_weights,
@@ -348,7 +349,7 @@ class InterruptibleTrainer:
     def _work_left(self) -> bool:
         state = self.state
         return (
-            state.status != Outcome.EARLY_STOPPED
+            not state.status.finished_early
             and state.epoch < self.cfg.trainer.max_epochs
             and state.global_step < self.total_steps
         )
@@ -369,8 +370,11 @@ class InterruptibleTrainer:
             epoch_done = outcome == Outcome.RUNNING
             with self._explain_out_of_memory("evaluation"):
                 improved, early_stop = self._evaluate_and_record(progress, epoch_done)
+            pruned = not early_stop and self._hooks_ask_to_stop(epoch_done)
             if early_stop:
                 state.status = Outcome.EARLY_STOPPED
+            elif pruned:
+                state.status = Outcome.PRUNED
             elif not self._work_left():
                 state.status = Outcome.COMPLETED
             if self.dist.is_main:  # the run directory is complete at each epoch checkpoint
@@ -381,13 +385,16 @@ class InterruptibleTrainer:
                 waited = state.epochs_without_improvement
                 self._print(f"early stopping: no {self.monitor} improvement for {waited} epochs")
                 return Outcome.EARLY_STOPPED
+            if pruned:
+                self._print(f"pruned at epoch {state.epoch}: an evaluation hook asked to stop")
+                return Outcome.PRUNED
             stop = self._stop_requested() if self._work_left() else Outcome.RUNNING
             if stop.stopped:
                 self.checkpoints.wait()
                 if stop == Outcome.BUDGET_REACHED:
                     self._print(self.cost.budget_reached_line(state))
                 return stop
-        if state.status != Outcome.EARLY_STOPPED:
+        if not state.status.finished_early:
             state.status = Outcome.COMPLETED
         return state.status
 
@@ -494,6 +501,19 @@ class InterruptibleTrainer:
             state.samples_in_epoch = 0
             self.epoch_loss.reset()
         return improved, early_stop
+
+    def _hooks_ask_to_stop(self, epoch_done: bool) -> bool:
+        """The after-evaluation hooks (evaluation_hooks.py) see the monitored value on the
+        main process; their answer is the same on every rank."""
+        state, ask = self.state, 0
+        if self.dist.is_main and state.history:
+            value = state.history[-1].get(self.monitor.replace("/", "_"))
+            if value is not None:
+                evaluation = Evaluation(
+                    state.epoch, state.global_step, self.monitor, float(value), epoch_done
+                )
+                ask = int(run_evaluation_hooks(evaluation))
+        return bool(max_over_ranks(ask, self.dist, self.device))
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
         """Every metric ``eval_fn`` returns, averaged per sample over ``dataset`` (every rank

@@ -22,6 +22,7 @@ class Outcome(str, Enum):
     RUNNING = "running"  # work left (as a stop request: none)
     COMPLETED = "completed"
     EARLY_STOPPED = "early_stopped"
+    PRUNED = "pruned"  # an evaluation hook (a hyperparameter search) asked to stop
     INTERRUPTED = "interrupted"  # a stop signal: checkpoint saved, exit 75
     BUDGET_REACHED = "budget_reached"  # cost.budget_usd spent: checkpoint saved, exit 76
     FAILED = "failed"  # fit raised
@@ -31,6 +32,11 @@ class Outcome(str, Enum):
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
+
+    @property
+    def finished_early(self) -> bool:
+        """Ended before its last epoch on purpose: nothing is left to train."""
+        return self in (Outcome.EARLY_STOPPED, Outcome.PRUNED)
 
     @property
     def stopped(self) -> bool:
@@ -56,7 +62,7 @@ class TrainState:
     best_epoch: int = -1
     best_step: int = -1
     epochs_without_improvement: int = 0
-    status: Outcome = Outcome.RUNNING  # RUNNING, COMPLETED or EARLY_STOPPED
+    status: Outcome = Outcome.RUNNING  # RUNNING, COMPLETED, EARLY_STOPPED or PRUNED
     train_seconds: float = 0.0  # inside fit(): what the ETA is based on
     billed_seconds: float = 0.0  # every second of the run's processes: what the machine bills
     cost_usd: float = 0.0  # billed seconds at the rate of the machine they ran on
@@ -102,7 +108,7 @@ class EpochLoss:
 
 @dataclass
 class FitResult:
-    status: Outcome  # COMPLETED, EARLY_STOPPED, INTERRUPTED or BUDGET_REACHED
+    status: Outcome  # COMPLETED, EARLY_STOPPED, PRUNED, INTERRUPTED or BUDGET_REACHED
     global_step: int
     epoch: int
     monitor: str  # e.g. "val/loss"

@@ -100,3 +100,13 @@ def interrupt_at_step(
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == EXIT_INTERRUPTED, err
+
+
+def wait_until(condition, what: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll ``condition`` while ``process`` (a sweep, its output piped) is still running."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"sweep ended before {what}:\n{process.communicate()[0]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

@@ -34,6 +34,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
+from src.data.synthetic import RandomTokens  # noqa: E402
 from src.integrations.hf_trainer import run_interruptible  # noqa: E402
 
 SAMPLES, LENGTH, VOCAB = 48, 16, 64
@@ -51,18 +52,6 @@ class Steps(TrainerCallback):
         # Added before run_interruptible's callback, so it runs before the record is written.
         if state.global_step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TokenSet(torch.utils.data.Dataset):
-    def __init__(self) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, VOCAB, (SAMPLES, LENGTH), generator=generator)
-
-    def __len__(self) -> int:
-        return SAMPLES
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
 def main() -> None:
@@ -94,7 +83,7 @@ def main() -> None:
         use_cpu=True,
         seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=TokenSet())
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(SAMPLES, LENGTH, VOCAB))
     print(f"rank {args.process_index} pid {os.getpid()}", flush=True)  # a signal to one rank
     steps = Steps(float(opts.get("step_sleep_s", 0)), int(opts.get("kill_in_save_at", -1)))
     trainer.add_callback(steps)

@@ -263,36 +263,25 @@ def test_stopped_at_two_ranks_resumed_at_one_reads_each_sample_once(tmp_path: Pa
 def test_sigkill_during_an_async_sharded_save_uses_the_previous_checkpoint(
     tmp_path: Path,
 ) -> None:
-    """A model large enough (~25 MB of state) that the kill lands while a save is written."""
-    args = fsdp_args(
-        tmp_path,
-        "killed",
-        "model.hidden_dim=1024",
-        "model.num_layers=3",
-        "checkpoint.every_n_steps=1",
-        "checkpoint.keep_last_n=2",
-        "trainer.max_steps=8",
-    )
-    run_dir = tmp_path / "killed"
+    """A model large enough (~25 MB of state) that the kill lands while a save is written:
+    saved every step, killed as soon as a folder newer than every committed checkpoint shows.
+    A kill that lands just after a commit has nothing half-written: tried again (3 runs)."""
+    for attempt in range(3):
+        args = fsdp_args(
+            tmp_path,
+            f"killed{attempt}",
+            "model.hidden_dim=1024",
+            "model.num_layers=3",
+            "checkpoint.every_n_steps=1",
+            "checkpoint.keep_last_n=2",
+            "trainer.max_steps=8",
+        )
+        run_dir = tmp_path / f"killed{attempt}"
+        half_written = kill_while_writing(start(2, args), run_dir)
+        if half_written is not None:
+            break
+    assert half_written is not None, "3 kills missed every save: no half-written folder"
     checkpoints = run_dir / "checkpoints"
-    process = start(2, args)
-    wait_for_checkpoint(process, run_dir, 2, timeout=180)
-
-    def writing() -> Path | None:  # a folder newer than every committed checkpoint, no sidecar
-        newest = newest_checkpoint_step(run_dir)
-        for folder in checkpoints.glob("step_*"):
-            if folder.is_dir() and int(folder.name.split("_")[1]) > newest:
-                if not folder.with_suffix(".json").exists():
-                    return folder
-        return None
-
-    deadline = time.monotonic() + 60
-    while writing() is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
-    sigkill_tree(process.pid)  # the machine is gone: agent and ranks at once
-    process.communicate(timeout=60)
-    half_written = writing()
-    assert half_written is not None, "the kill missed every save: no half-written folder"
     previous = newest_checkpoint_step(run_dir)
 
     resumed = run(2, args)
@@ -305,17 +294,40 @@ def test_sigkill_during_an_async_sharded_save_uses_the_previous_checkpoint(
     assert not half_written.exists() or half_written.with_suffix(".json").exists()
 
 
+def kill_while_writing(process: subprocess.Popen, run_dir: Path) -> Path | None:
+    """SIGKILL the run while a checkpoint folder is written; that folder (None: missed)."""
+    checkpoints = run_dir / "checkpoints"
+
+    def writing() -> Path | None:  # a folder newer than every committed checkpoint, no sidecar
+        newest = newest_checkpoint_step(run_dir)
+        for folder in checkpoints.glob("step_*"):
+            if folder.is_dir() and int(folder.name.split("_")[1]) > newest:
+                if not folder.with_suffix(".json").exists():
+                    return folder
+        return None
+
+    wait_for_checkpoint(process, run_dir, 2, timeout=180)
+    deadline = time.monotonic() + 60
+    while writing() is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    sigkill_tree(process.pid)  # the machine is gone: agent and ranks at once
+    process.communicate(timeout=60)
+    return writing()
+
+
 def sigkill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process under it. torchrun starts its ranks in sessions of
-    their own, so a SIGKILL to the agent's group alone leaves them running."""
+    """SIGKILL ``pid`` and every process under it, the ranks first. torchrun starts its
+    ranks in sessions of their own, so a SIGKILL to the agent's group alone misses them."""
     tree, todo = [], [pid]
     while todo:
         parent = todo.pop()
         tree.append(parent)
         for task in Path(f"/proc/{parent}/task").glob("*"):
-            children = (task / "children").read_text().split() if task.exists() else []
-            todo += [int(child) for child in children]
-    for member in tree:
+            try:
+                todo += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:  # the thread ended meanwhile
+                pass
+    for member in reversed(tree):
         try:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:

@@ -24,6 +24,7 @@ Slurm): rank 0 hashes every rank's shards, and every rank reads them all on a re
 
 from __future__ import annotations
 
+import atexit
 import io
 import shutil
 import time
@@ -77,6 +78,10 @@ class ShardedFormat:
         # DCP's collectives run on the background thread: a group of their own (gloo: the
         # plans are CPU objects), never interleaved with the training's on the default group.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        if self.group is not None:
+            # Before the default group goes (atexit runs last-registered first): a gloo group
+            # left to the interpreter's teardown can abort the process on its way out.
+            atexit.register(_destroy_group, self.group)
         self._host_buffers: dict[str, Any] | None = None  # the staging copy, reused
 
     def _stage(self, sharded: dict[str, Any]) -> dict[str, Any]:
@@ -213,3 +218,8 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (list, tuple)):
         return [tensor for item in value for tensor in _tensors(item)]
     return []
+
+
+def _destroy_group(group: dist.ProcessGroup) -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group(group)

@@ -404,6 +404,21 @@ def test_ddp_refuses_a_world_size_change_it_cannot_honour_in_one_line(tmp_path: 
     assert after == before
 
 
+def test_fsdp_outside_torchrun_and_an_unknown_strategy_are_one_line(tmp_path: Path) -> None:
+    """Exit 2 with the fix in one line, no training started."""
+    for strategy, expected in (
+        ("fsdp", "trainer.strategy=fsdp shards over the ranks of torchrun"),
+        ("zero3", "trainer.strategy"),
+    ):
+        args = fsdp_args(tmp_path, strategy, f"trainer.strategy={strategy}")
+        result = run_experiment(args, env(), experiment=EXPERIMENT)  # plain python
+        assert result.returncode == 2, result.stdout + result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], result.stderr
+        assert "[trainer]" not in result.stdout
+        assert not (tmp_path / strategy / "checkpoints").exists()
+
+
 @pytest.mark.gpu
 def test_fsdp_with_nccl_on_one_gpu(tmp_path: Path) -> None:
     """The NCCL path of FSDP2 (one rank is enough to run it), bf16 mixed precision: stopped by

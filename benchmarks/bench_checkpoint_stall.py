@@ -68,7 +68,7 @@ def worker(mode: str, state_mb: int, saves: int, device: str, out_dir: str) -> d
     return {"stall_s": statistics.median(stalls), "extra_rss_mb": peak_rss_mb - base_rss_mb}
 
 
-def sharded_worker(state_mb: int, saves: int, out_dir: str) -> dict | None:
+def sharded_worker(state_mb: int, saves: int, device_type: str, out_dir: str) -> dict | None:
     """One torchrun rank: FSDP2 model + AdamW state of ~state_mb, async vs blocking saves."""
     import torch
     import torch.distributed as dist
@@ -80,13 +80,14 @@ def sharded_worker(state_mb: int, saves: int, out_dir: str) -> dict | None:
     from src.trainers.fsdp import shard_model, sharded_state
     from src.utils.checkpoint_manager import CheckpointManager
 
-    info = init_distributed("cpu")
+    info = init_distributed(device_type)
+    device = torch.device(device_type, info.local_rank if device_type == "cuda" else None)
     width = int((state_mb * 1024 * 1024 / 4 / 3 / 8) ** 0.5)  # 8 square layers, x3 with AdamW
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(8)])
-    shard_model(model, info, torch.device("cpu"), "fp32")
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(8)]).to(device)
+    shard_model(model, info, device, "fp32")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model(torch.randn(4, width)).sum().backward()
+    model(torch.randn(4, width, device=device)).sum().backward()
     optimizer.step()
     fmt = ShardedFormat(lambda: sharded_state(model, optimizer), info.rank)
     manager = CheckpointManager(
@@ -117,12 +118,16 @@ def sharded_worker(state_mb: int, saves: int, out_dir: str) -> dict | None:
 
 
 def run_sharded(args: argparse.Namespace) -> dict:
+    """Two CPU ranks (gloo), or one rank per GPU up to two (NCCL)."""
+    import torch
+
+    ranks = 2 if args.device == "cpu" else max(1, min(2, torch.cuda.device_count()))
     with tempfile.TemporaryDirectory() as out_dir:
         command = [
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--nproc_per_node=2",
+            f"--nproc_per_node={ranks}",
             "--standalone",
             __file__,
             "--worker",
@@ -131,6 +136,8 @@ def run_sharded(args: argparse.Namespace) -> dict:
             str(args.state_mb),
             "--saves",
             str(args.saves),
+            "--device",
+            args.device,
             "--out",
             out_dir,
         ]
@@ -228,14 +235,15 @@ def main() -> None:
     parser.add_argument("--sharded-only", action="store_true", help="only the sharded saves")
     args = parser.parse_args()
     if args.worker == "sharded":
-        result = sharded_worker(args.state_mb, args.saves, args.out)
+        result = sharded_worker(args.state_mb, args.saves, args.device, args.out)
         if result is not None:
             print(json.dumps(result))
         return
     if args.sharded or args.sharded_only:
         sharded = run_sharded(args)
         print(
-            f"sharded (FSDP2, {sharded['ranks']} gloo ranks, state {args.state_mb} MB, median "
+            f"sharded (FSDP2, {sharded['ranks']} {args.device} rank(s), state {args.state_mb} MB, "
+            f"median "
             f"of {args.saves}): async save() stall {sharded['async']:.3f} s, blocking "
             f"dcp.save {sharded['blocking']:.3f} s, ratio "
             f"{sharded['async'] / sharded['blocking']:.3f}  (target <= 0.2)"

@@ -193,7 +193,7 @@ def test_sigterm_at_a_random_step_then_rerun_is_bit_identical(
     args = fsdp_args(tmp_path, "fsdp")
     run_dir = tmp_path / "fsdp"
     checkpoints = run_dir / "checkpoints"
-    out, err = stop_at(start(2, args, FSDP_STEP_SECONDS="0.03"), run_dir, random.randint(4, 20))
+    out, err = stop_at(start(2, args, FSDP_STEP_SECONDS="0.03"), run_dir, random.randint(4, 16))
     step = stopped_step(out, 2)
     folder = checkpoints / f"step_{step:09d}"
     assert folder.with_suffix(".json").is_file()
@@ -354,7 +354,7 @@ def test_sharded_checkpoint_in_s3_resumes_on_a_fresh_disk(
     ]
     args = fsdp_args(tmp_path, "mirrored", *s3_args)
     run_dir = tmp_path / "mirrored"
-    out, err = stop_at(start(2, args, FSDP_STEP_SECONDS="0.03"), run_dir, random.randint(2, 20))
+    out, err = stop_at(start(2, args, FSDP_STEP_SECONDS="0.03"), run_dir, random.randint(2, 16))
     step = stopped_step(out, 2)
     assert f"S3 mirror up to date: step {step}" in out, out + err
     keys = [

@@ -10,6 +10,11 @@ steps would space them (the previous async write finishes before the next save).
     python benchmarks/bench_checkpoint_stall.py [--state-mb 400] [--saves 5] [--lora]
 Target: stall ratio <= 0.2; async extra memory <= about one copy of the state.
 
+``--sharded`` adds FSDP's sharded checkpoints: two gloo ranks under torchrun, an MLP of about
+``--state-mb`` of weights + AdamW moments sharded by FSDP2; the stall of the trainer's async
+save (CheckpointManager + ShardedFormat: state dict, staging into host memory; DCP writes on
+a thread) against a blocking ``dcp.save`` of the same state dict. Target: ratio <= 0.2.
+
 ``--lora`` adds what a LoRA model's checkpoint weighs: a Llama-style model (built from a
 config, no download) with PEFT LoRA r=16 on every linear layer, after one AdamW step, saved
 by the trainer's snapshot as the full state and as the trainable-only format. Target:
@@ -61,6 +66,83 @@ def worker(mode: str, state_mb: int, saves: int, device: str, out_dir: str) -> d
         manager.wait()  # "training" long enough for the write to finish
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"stall_s": statistics.median(stalls), "extra_rss_mb": peak_rss_mb - base_rss_mb}
+
+
+def sharded_worker(state_mb: int, saves: int, device_type: str, out_dir: str) -> dict | None:
+    """One torchrun rank: FSDP2 model + AdamW state of ~state_mb, async vs blocking saves."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+
+    from src.checkpoints.sharded_format import ShardedFormat
+    from src.trainers.distributed import init_distributed
+    from src.trainers.fsdp import shard_model, sharded_state
+    from src.utils.checkpoint_manager import CheckpointManager
+
+    info = init_distributed(device_type)
+    device = torch.device(device_type, info.local_rank if device_type == "cuda" else None)
+    width = int((state_mb * 1024 * 1024 / 4 / 3 / 8) ** 0.5)  # 8 square layers, x3 with AdamW
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(8)]).to(device)
+    shard_model(model, info, device, "fp32")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(4, width, device=device)).sum().backward()
+    optimizer.step()
+    fmt = ShardedFormat(lambda: sharded_state(model, optimizer), info.rank)
+    manager = CheckpointManager(
+        Path(out_dir) / "async", keep_last_n=2, is_writer=info.is_main, checkpoint_format=fmt
+    )
+    stalls: dict[str, list[float]] = {"async": [], "blocking": []}
+    for index in range(saves):
+        dist.barrier()
+        started = time.perf_counter()
+        state = {**sharded_state(model, optimizer), "step": index}
+        manager.save(state, index)
+        stalls["async"].append(time.perf_counter() - started)
+        manager.wait()  # "training" long enough for the write to finish
+        dist.barrier()
+        started = time.perf_counter()
+        dcp.save(sharded_state(model, optimizer), checkpoint_id=Path(out_dir) / f"dcp_{index}")
+        stalls["blocking"].append(time.perf_counter() - started)
+    manager.close()
+    slowest = {mode: statistics.median(times) for mode, times in stalls.items()}
+    gathered: list[dict | None] = [None] * info.world_size
+    dist.all_gather_object(gathered, slowest)
+    if not info.is_main:
+        return None
+    # The loop waits for the slowest rank: its stall is the run's.
+    return {
+        mode: max(item[mode] for item in gathered if item) for mode in ("async", "blocking")
+    } | {"ranks": info.world_size, "width": width}
+
+
+def run_sharded(args: argparse.Namespace) -> dict:
+    """Two CPU ranks (gloo), or one rank per GPU up to two (NCCL)."""
+    import torch
+
+    ranks = 2 if args.device == "cpu" else max(1, min(2, torch.cuda.device_count()))
+    with tempfile.TemporaryDirectory() as out_dir:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            "--standalone",
+            __file__,
+            "--worker",
+            "sharded",
+            "--state-mb",
+            str(args.state_mb),
+            "--saves",
+            str(args.saves),
+            "--device",
+            args.device,
+            "--out",
+            out_dir,
+        ]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
@@ -146,10 +228,28 @@ def main() -> None:
     parser.add_argument("--state-mb", type=int, default=400)
     parser.add_argument("--saves", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--worker", choices=["sync", "async"])
+    parser.add_argument("--worker", choices=["sync", "async", "sharded"])
     parser.add_argument("--out")
     parser.add_argument("--lora", action="store_true", help="also a LoRA model's checkpoint size")
+    parser.add_argument("--sharded", action="store_true", help="also FSDP's sharded DCP saves")
+    parser.add_argument("--sharded-only", action="store_true", help="only the sharded saves")
     args = parser.parse_args()
+    if args.worker == "sharded":
+        result = sharded_worker(args.state_mb, args.saves, args.device, args.out)
+        if result is not None:
+            print(json.dumps(result))
+        return
+    if args.sharded or args.sharded_only:
+        sharded = run_sharded(args)
+        print(
+            f"sharded (FSDP2, {sharded['ranks']} {args.device} rank(s), state {args.state_mb} MB, "
+            f"median "
+            f"of {args.saves}): async save() stall {sharded['async']:.3f} s, blocking "
+            f"dcp.save {sharded['blocking']:.3f} s, ratio "
+            f"{sharded['async'] / sharded['blocking']:.3f}  (target <= 0.2)"
+        )
+        if args.sharded_only:
+            return
     if args.worker:
         print(json.dumps(worker(args.worker, args.state_mb, args.saves, args.device, args.out)))
         return

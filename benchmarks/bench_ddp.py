@@ -6,6 +6,9 @@ Three set-ups, each a real process running the InterruptibleTrainer on the templ
 - ``1 rank x 1 thread``: the same on one core (what each DDP rank gets).
 - ``2 ranks x 1 thread``: ``torchrun --nproc_per_node=2`` (gloo on CPU, NCCL on CUDA),
   batch G/2 per rank, torchrun's default of one thread per rank.
+- ``2 ranks x 1 thread fsdp``: the same with ``trainer.strategy=fsdp`` (FSDP2: parameters,
+  gradients and optimizer state sharded; sharded asynchronous checkpoints). On GPUs its
+  row also gives the peak memory per GPU against ddp's.
 
 Steps/s is measured on rank 0 over the steady state (the optimizer steps after the first
 10%, from timestamps the step function records), so process start-up, the process group,
@@ -45,6 +48,7 @@ class Setup:
     label: str
     ranks: int
     threads: int
+    strategy: str = "ddp"
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -68,10 +72,13 @@ def run_worker(args: argparse.Namespace) -> None:
         "model.num_layers=4",
         "logging.tensorboard=false",
         "logging.gpu_stats=false",
+        f"trainer.strategy={args.strategy}",
     ]
     trainer, speed = timed_template_fit(overrides, skip_fraction=0.1)
     if trainer.dist.is_main:
         result = {"steps_per_s": speed, "steps": trainer.state.global_step}
+        if torch.cuda.is_available() and args.device == "cuda":
+            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         Path(args.result).write_text(json.dumps(result))
 
 
@@ -87,6 +94,7 @@ def measure(setup: Setup, work: Path, args: argparse.Namespace, run_index: int) 
         f"--device={args.device}",
         f"--steps={args.steps}",
         f"--global-batch={args.global_batch}",
+        f"--strategy={setup.strategy}",
     ]
     launcher = [sys.executable]
     if setup.ranks > 1:
@@ -103,7 +111,10 @@ def measure(setup: Setup, work: Path, args: argparse.Namespace, run_index: int) 
     )
     if completed.returncode != 0:
         raise SystemExit(f"{setup.label} failed:\n{completed.stdout}\n{completed.stderr}")
-    return json.loads(result.read_text())["steps_per_s"]
+    measured = json.loads(result.read_text())
+    if "peak_gpu_mb" in measured:
+        print(f"    {setup.label}: peak GPU memory {measured['peak_gpu_mb']:.0f} MB on rank 0")
+    return measured["steps_per_s"]
 
 
 def main() -> None:
@@ -115,6 +126,7 @@ def main() -> None:
     parser.add_argument("--output-dir", help=argparse.SUPPRESS)
     parser.add_argument("--run-name", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.worker:
@@ -130,7 +142,8 @@ def main() -> None:
     all_cores = Setup(f"1 rank x {cores} threads", 1, cores)
     one_core = Setup("1 rank x 1 thread", 1, 1)
     ddp = Setup(f"{ranks} ranks x 1 thread", ranks, 1)
-    setups = [all_cores, one_core, ddp] if args.device == "cpu" else [one_core, ddp]
+    fsdp = Setup(f"{ranks} ranks x 1 thread fsdp", ranks, 1, "fsdp")
+    setups = [all_cores, one_core, ddp, fsdp] if args.device == "cpu" else [one_core, ddp, fsdp]
     backend = "gloo" if args.device == "cpu" else "nccl"
     print(
         f"device {args.device} ({backend}), {cores} CPU cores, global batch {args.global_batch}"
@@ -138,7 +151,10 @@ def main() -> None:
         f"{args.steps} steps x {args.repeats} rounds"
     )
     speeds: dict[str, list[float]] = {setup.label: [] for setup in setups}
-    ratios: dict[str, list[float]] = {setup.label: [] for setup in setups if setup is not ddp}
+    ratios: dict[str, list[float]] = {
+        setup.label: [] for setup in setups if setup not in (ddp, fsdp)
+    }
+    fsdp_over_ddp: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         run_index = 0
         for round_index in range(args.repeats):
@@ -149,6 +165,7 @@ def main() -> None:
                 run_index += 1
             for label in ratios:
                 ratios[label].append(this_round[ddp.label] / this_round[label])
+            fsdp_over_ddp.append(this_round[fsdp.label] / this_round[ddp.label])
             print(
                 f"  round {round_index + 1}: "
                 + "  ".join(f"{label} {speed:6.1f} step/s" for label, speed in this_round.items())
@@ -159,6 +176,10 @@ def main() -> None:
             f"{ddp.label} / {label}, steps per second: median ratio "
             f"{statistics.median(values):.2f}x (ratio of medians {medians:.2f}x)"
         )
+    print(
+        f"{fsdp.label} / {ddp.label}, steps per second: median ratio "
+        f"{statistics.median(fsdp_over_ddp):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -81,6 +81,11 @@ def steps(out: Path, has_wandb: bool, gpus: int) -> list[tuple[str, list[str], i
             [PY, str(bench / "bench_checkpoint_stall.py"), "--device", "cuda", "--lora"],
             90,
         ),
+        (
+            "sharded checkpoint stall",
+            [PY, str(bench / "bench_checkpoint_stall.py"), "--device", "cuda", "--sharded-only"],
+            90,
+        ),
         ("SIGTERM latency", [PY, str(bench / "bench_sigterm_latency.py")], 90),
         (
             "monitoring overhead",

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.config import EXIT_CONFIG_ERROR
 from src.data.resumable_sampler import ResumableSampler
 from src.models.template import load_template_config
 from src.trainers import distributed
@@ -259,18 +258,22 @@ def test_sigterm_to_the_group_then_rerun_is_bit_identical(
     assert_same_history(run_dir, reference, ("train_loss", "val_loss"))
 
 
-def test_a_two_rank_run_refuses_to_resume_with_one_rank(
+def test_a_two_rank_ddp_run_goes_on_with_one_rank(
     tmp_path: Path, reference_run: Callable[[str, int, str], ReferenceRun]
 ) -> None:
-    """Refused, not re-partitioned: one line naming the world size, exit 2, nothing written."""
+    """Another world size is no longer refused: the data position is global and DDP's
+    checkpoint holds the whole model. One line says so and gives the effective batch."""
     shutil.copytree(reference_run("cpu", 2, "plain").run_dir, tmp_path / "reference")
-    before = snapshot(tmp_path / "reference")
-    result = run_experiment(ddp_args(tmp_path, "reference", "cpu"))  # plain python: 1 rank
-    assert result.returncode == EXIT_CONFIG_ERROR, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "world_size=2 (now 1)" in lines[0], result.stderr
-    assert result.stdout == ""
-    assert snapshot(tmp_path / "reference") == before
+    args = [*ddp_args(tmp_path, "reference", "cpu"), "trainer.max_epochs=4"]
+    result = run_experiment(args)  # plain python: 1 rank, one more epoch
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = (
+        "[trainer] world size changed: checkpointed on 2 rank(s), now 1; effective batch 64 "
+        "= 64 per device x 1 rank(s) x 1 micro-batch(es) per optimizer step"
+    )
+    assert result.stdout.splitlines().count(line) == 1, result.stdout
+    log = json.loads((tmp_path / "reference" / "training_log.json").read_text())
+    assert [record["epoch"] for record in log] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize(

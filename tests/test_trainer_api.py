@@ -197,8 +197,11 @@ def test_trainer_built_directly_refuses_changed_settings(tmp_path: Path) -> None
     for changed in ("data.batch_size=32", "trainer.grad_accum_steps=2"):
         with pytest.raises(ConfigError, match=changed.split("=")[0]):
             make_trainer(tmp_path, "run_name=guard", "trainer.max_steps=5", changed)
-    cfg = cfg_for(tmp_path, "run_name=guard")
-    with pytest.raises(ConfigError, match=r"world_size=1 \(now 2\)"):
+    # Another number of ranks resumes (the data position is global), unless the effective
+    # batch it must keep cannot be made with them.
+    check_resume_settings(cfg_for(tmp_path, "run_name=guard"), world_size=2)
+    cfg = cfg_for(tmp_path, "run_name=guard", "trainer.keep_effective_batch=true")
+    with pytest.raises(ConfigError, match=r"cannot keep the effective batch \d+ .* on 2 rank"):
         check_resume_settings(cfg, world_size=2)
 
 

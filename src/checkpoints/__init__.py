@@ -9,6 +9,8 @@ sha256, metadata); the manager, the S3 mirror and the resume checks pass these a
 identity of the frozen base (``frozen_base``) that a resume must match; ``trainable``
 picks those tensors out and puts them back.
 ``staging``: the background writer (copy to a CPU staging buffer, write on a thread).
+``sharded_format``: FSDP's sharded checkpoints (every rank writes its shards through
+``torch.distributed.checkpoint``; a resume on another number of ranks reshards them).
 
 When to save and what to prune is the manager's business (``src.utils.checkpoint_manager``);
 moving checkpoints off the machine is storage's (``src.storage.checkpoint_mirror``).

@@ -30,6 +30,10 @@ def state_bytes(state: Any) -> int:
 
     def visit(value: Any) -> None:
         if isinstance(value, torch.Tensor):
+            # A DTensor (FSDP): the whole tensor's bytes (its shards over all ranks).
+            if hasattr(value, "to_local"):
+                storages[("dtensor", id(value))] = value.numel() * value.element_size()
+                return
             storage = value.untyped_storage()
             storages[(str(value.device), storage.data_ptr())] = storage.nbytes()
         elif isinstance(value, dict):

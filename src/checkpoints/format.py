@@ -4,6 +4,12 @@ A format writes a snapshot's files (durably but not yet visible), then commits t
 sidecar, written last). Everything else reads records, so the manager's policy and the S3
 mirror work unchanged for a one-file ``torch.save``, an adapter-only folder or a sharded
 ``torch.distributed.checkpoint`` folder: the record lists the files.
+
+A format whose every rank writes (``every_rank_writes = True``, the sharded one in
+``sharded_format.py``) also has ``begin_write(directory, step, state, *, is_best, metadata,
+blocking)``: the manager calls it on every rank; it stages (or, blocking, writes) that rank's
+part and returns the call that finishes the write, which returns the record on rank 0 (None
+elsewhere). Rank 0 alone commits, mirrors and prunes.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from src.common.errors import ConfigError
 from src.common.paths import REPO_ROOT
 from src.common.signals import parse_signals
 from src.config.schema import (
+    AUTO_BATCH_SIZE,
     BUCKET_NAME,
     TOOL_SECTIONS,
     ExperimentConfig,
@@ -190,6 +191,13 @@ def validate(cfg: DictConfig, source: str) -> None:
     checks = [
         ("trainer.precision", trainer.precision in {"fp32", "bf16", "fp16"}, "fp32|bf16|fp16"),
         ("trainer.grad_accum_steps", trainer.grad_accum_steps >= 1, "an integer >= 1"),
+        ("trainer.strategy", trainer.strategy in {"ddp", "fsdp"}, "ddp|fsdp"),
+        (
+            "data.batch_size",
+            not (trainer.strategy == "fsdp" and cfg.data.batch_size == AUTO_BATCH_SIZE),
+            "a number under trainer.strategy=fsdp (auto measures each rank alone, and a "
+            "sharded step is a collective)",
+        ),
         ("trainer.max_epochs", trainer.max_epochs >= 1, "an integer >= 1"),
         ("trainer.max_steps", trainer.max_steps == -1 or trainer.max_steps >= 1, "-1 or >= 1"),
         ("trainer.log_every_n_steps", trainer.log_every_n_steps >= 1, "an integer >= 1"),

@@ -105,6 +105,16 @@ class TrainerConfig:
     # The validation metric that picks best_model.pt and drives early stopping.
     monitor: str = "val/loss"
     monitor_mode: str = "min"  # min | max
+    # ddp: every rank holds the whole model. fsdp: FSDP2 shards parameters, gradients and
+    # optimizer state over the ranks (src/trainers/fsdp.py) and checkpoints are sharded.
+    strategy: str = "ddp"
+    # fsdp: the class name of the blocks to shard one by one ("" : the model's repeated
+    # block class, found from its ModuleList/Sequential children).
+    fsdp_wrap: str = ""
+    fsdp_cpu_offload: bool = False  # fsdp: parameters, gradients and optimizer state on the CPU
+    # Resumed on another number of ranks: change grad_accum_steps so that the effective
+    # batch (per device x ranks x accumulation) stays the checkpoint's, when it divides.
+    keep_effective_batch: bool = False
 
 
 @dataclass
@@ -195,14 +205,15 @@ def wandb_enabled(cfg: DictConfig) -> bool:
 # else (a new batch size shifts the position in the epoch; a new lr is overridden by the
 # optimizer state). Length (max_epochs, max_steps), logging, checkpointing, paths, device,
 # precision and num_workers may change between runs.
-# World size is recorded too: with another number of ranks each rank's share of the epoch
-# (and the effective batch) changes, so the saved position would replay or skip data.
+# World size is recorded too, but may change: the data position is the global number of samples
+# consumed in the epoch, which any number of ranks can take up (src/launch/resume_guard.py).
 RESUME_SETTINGS = (
     "seed",
     "data",
     "model",
     "optim",
     "trainer.grad_accum_steps",
+    "trainer.strategy",
     "trainer.monitor",
     "trainer.monitor_mode",
 )
@@ -228,3 +239,26 @@ def resume_settings(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
 def _select_plain(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key)
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def accumulation_for(cfg: DictConfig, saved: dict[str, Any] | None, world_size: int) -> int:
+    """The gradient accumulation to train with now: ``trainer.grad_accum_steps``, or with
+    ``trainer.keep_effective_batch`` and a checkpoint (its ``saved`` resume settings) made on
+    another number of ranks, what keeps that checkpoint's effective batch. ValueError when it
+    cannot be kept (the effective batch is not a multiple of per device x ranks now)."""
+    accumulation = int(cfg.trainer.grad_accum_steps)
+    if not cfg.trainer.keep_effective_batch or not saved:
+        return accumulation
+    saved_world = int(saved.get("world_size", 1))
+    per_device = saved.get("data.batch_size")
+    if saved_world == world_size or not isinstance(per_device, int):
+        return accumulation
+    effective = per_device * saved_world * int(saved.get("trainer.grad_accum_steps", 1))
+    if effective % (per_device * world_size):
+        raise ValueError(
+            f"trainer.keep_effective_batch=true cannot keep the effective batch {effective} "
+            f"(checkpointed on {saved_world} rank(s)) on {world_size} rank(s): it is not a "
+            f"multiple of {per_device} per device x {world_size} rank(s); resume on a number "
+            "of ranks that divides it, or set trainer.keep_effective_batch=false"
+        )
+    return effective // (per_device * world_size)

@@ -1,8 +1,11 @@
 """A sampler whose order is a pure function of (seed, epoch), so it can restart mid-epoch.
 
-Resuming needs no saved sampler state beyond the epoch and how many samples this
-rank already consumed: the permutation is recomputed and the consumed prefix skipped.
-Under torchrun each rank takes every ``world_size``-th index (like DistributedSampler).
+Resuming needs no saved sampler state beyond the epoch and how many samples all ranks together
+already consumed in it (``global_start``): the permutation is recomputed, that prefix skipped,
+and the rest dealt out to the ranks there are now, each taking every ``world_size``-th index
+(like DistributedSampler). So a run stopped at 8 ranks and resumed at 4 sees each remaining
+sample of the epoch exactly once; at the same number of ranks each rank's share is exactly
+what it would have been.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ class ResumableSampler(Sampler[int]):
         self.world_size = world_size
         self.epoch = 0
         self.start_index = 0
+        self.global_start = 0
 
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        """Start ``epoch``, skipping the first ``start_index`` samples of this rank's share."""
+    def set_epoch(self, epoch: int, start_index: int = 0, global_start: int = 0) -> None:
+        """Start ``epoch``, skipping the first ``global_start`` samples of the epoch's order
+        (consumed by all ranks together), then the first ``start_index`` of this rank's share."""
         self.epoch = epoch
         self.start_index = start_index
+        self.global_start = min(global_start, self.dataset_size)
 
     def rank_indices(self) -> list[int]:
         if self.shuffle:
@@ -41,15 +47,18 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.dataset_size, generator=generator).tolist()
         else:
             order = list(range(self.dataset_size))
-        padded_size = -(-self.dataset_size // self.world_size) * self.world_size
-        # Equal shares, or DDP's collectives hang on the rank that runs out first. Repeat the
-        # whole order when there are more ranks than samples (one copy would leave some short).
-        while len(order) < padded_size:
-            order += order[: padded_size - len(order)]
-        return order[self.rank :: self.world_size]
+        remaining = order[self.global_start :]
+        padded_size = -(-len(remaining) // self.world_size) * self.world_size
+        # Equal shares, or DDP's collectives hang on the rank that runs out first. Padded from
+        # the start of the epoch's order (so a resume at the same world size pads as the
+        # uninterrupted run did), repeated when there are more ranks than samples.
+        while len(remaining) < padded_size:
+            remaining += order[: padded_size - len(remaining)]
+        return remaining[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.rank_indices()[self.start_index :])
 
     def __len__(self) -> int:
-        return max(0, -(-self.dataset_size // self.world_size) - self.start_index)
+        remaining = self.dataset_size - self.global_start
+        return max(0, -(-remaining // self.world_size) - self.start_index)

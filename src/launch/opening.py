@@ -57,6 +57,23 @@ class OpenedRun:
         return self.layout.root
 
     @property
+    def resume_metadata(self) -> dict[str, Any]:
+        """The sidecar metadata of the checkpoint a resume starts from (the bucket's newer
+        one, else the newest local one), with its ``step``; empty for a new run."""
+        record = self.remote_newest or (
+            self.local_checkpoints[0].to_json() if self.local_checkpoints else None
+        )
+        if not record:
+            return {}
+        return {**(record.get("metadata") or {}), "step": int(record["step"])}
+
+    @property
+    def recorded_resume_settings(self) -> dict[str, Any] | None:
+        """The resume settings of the checkpoint a resume starts from."""
+        saved = self.resume_metadata.get("resume_settings")
+        return {"world_size": 1, **saved} if isinstance(saved, dict) else None
+
+    @property
     def recorded_batch_size(self) -> int | None:
         """The size ``data.batch_size=auto`` found earlier in this run (the newest local
         checkpoint's, else the bucket's newer one's): a resume must not measure again."""

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from src.checkpoints.frozen_base import describe_difference
 from src.checkpoints.trainable_format import FROZEN_BASE_KEY
 from src.common.errors import ConfigError
-from src.config import resume_settings
+from src.config import accumulation_for, resume_settings
 from src.runs.files import run_dir_for
 from src.runs.layout import RunLayout
 from src.utils.checkpoint_manager import read_checkpoint_infos
@@ -27,12 +27,23 @@ def require_same_settings(
     cfg: DictConfig, world_size: int, saved: Any, where: str | None = None
 ) -> None:
     """Raise ConfigError when ``saved`` (a checkpoint's recorded RESUME_SETTINGS) differs from
-    what ``cfg`` and ``world_size`` give now; ``saved`` not a dict: nothing to compare."""
+    what ``cfg`` gives now; ``saved`` not a dict: nothing to compare.
+
+    The world size may change (ddp and fsdp): the data position is the global number of
+    samples consumed in the epoch, and the model and optimizer load at any number of ranks
+    (ddp's are whole, fsdp's reshard). Refused only where it cannot be honoured:
+    ``trainer.keep_effective_batch`` with an effective batch the new ranks cannot make.
+    """
     if not isinstance(saved, dict):
         return  # a new run, or checkpoints from before settings were recorded
-    saved = {"world_size": 1, **saved}  # recorded since multi-rank resume checks
+    # world_size recorded since multi-rank resume checks, the strategy since fsdp.
+    saved = {"world_size": 1, "trainer.strategy": "ddp", **saved}
     now = resume_settings(cfg, world_size)
-    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+    changed = sorted(
+        key
+        for key in saved.keys() | now.keys()
+        if key != "world_size" and saved.get(key) != now.get(key)
+    )
     if changed:
         diffs = ", ".join(f"{key}={saved.get(key)!r} (now {now.get(key)!r})" for key in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
@@ -40,6 +51,10 @@ def require_same_settings(
             f"run '{cfg.run_name}' in {where or run_dir_for(cfg)} was checkpointed with "
             f"{diffs}{more}: resume with the same settings, or start fresh with a new run_name"
         )
+    try:
+        accumulation_for(cfg, saved, world_size)
+    except ValueError as error:
+        raise ConfigError(f"run '{cfg.run_name}' in {where or run_dir_for(cfg)}: {error}") from None
 
 
 def require_same_base(

@@ -45,6 +45,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from src.checkpoints.sharded_format import ShardedFormat
 from src.checkpoints.trainable import load_trainable_state, trainable_state_dict
 from src.checkpoints.trainable_format import TrainableOnlyFormat, format_for_model
 from src.common.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -56,7 +57,7 @@ from src.common.signals import (
     mark_results_written,
     parse_signals,
 )
-from src.config import AUTO_BATCH_SIZE, resume_settings
+from src.config import AUTO_BATCH_SIZE, accumulation_for, resume_settings
 from src.data.batches import batch_size_of, move_to_device
 from src.data.loaders import EVAL_EPOCH, make_loader
 from src.data.resumable_sampler import ResumableSampler
@@ -79,6 +80,13 @@ from src.trainers.distributed import (
 from src.trainers.early_stopping import EarlyStopping
 from src.trainers.evaluation_hooks import Evaluation, run_evaluation_hooks
 from src.trainers.final_upload import finish_uploads
+from src.trainers.fsdp import (
+    full_weights,
+    gradient_sync,
+    load_full_weights,
+    shard_model,
+    sharded_state,
+)
 from src.trainers.lr_schedule import lr_factor, warmup_cosine_schedule
 from src.trainers.out_of_memory import ExplainOutOfMemory
 from src.trainers.placement import enable_gradient_checkpointing, place_model
@@ -157,9 +165,11 @@ class InterruptibleTrainer:
         self.is_adapter = is_peft_model(model)  # best/final weights: adapter folders
         if cfg.trainer.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        # fsdp: sharded model, sharded checkpoints (the format needs the optimizer: made below).
+        self.sharded = cfg.trainer.strategy == "fsdp"
         # A partly frozen model (LoRA) checkpoints only what trains, and names its frozen base
         # (fingerprinted where it now lives: on a GPU, one fast pass).
-        checkpoint_format = format_for_model(model)
+        checkpoint_format = None if self.sharded else format_for_model(model)
         trainable_only = isinstance(checkpoint_format, TrainableOnlyFormat)
         # Before anything is written: a changed setting or base is an error, a live run owns
         # the dir, S3 settings work. The lock is only probed here and held while fit() runs,
@@ -170,7 +180,7 @@ class InterruptibleTrainer:
             self.dist.world_size,
             lock="probe" if is_main else "none",
             mirror=is_main,
-            model_base=ModelBase(checkpoint_format.frozen_base if trainable_only else None),
+            model_base=ModelBase(checkpoint_format.frozen_base if trainable_only else None),  # type: ignore[union-attr]
         )
         self.layout, self.mirror = self.opening.layout, self.opening.mirror
         self.run_dir = self.layout.root
@@ -181,16 +191,29 @@ class InterruptibleTrainer:
             eval_fn = eval_fn or functools.partial(default_eval_step, loss_fn=loss_fn)
         self.step_fn, self.eval_fn = step_fn, eval_fn or step_fn
         self._parameter_count = sum(p.numel() for p in self.model.parameters())
-        # What the step function sees while training; checkpoints save self.model.
-        self.train_model = wrap_for_training(self.model, self.dist, self.device)
-        if cfg.trainer.compile:
-            # Compiled for training only: checkpoints save self.model, so no _orig_mod. keys.
-            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
-
         self.precision, why = effective_precision(cfg.trainer.precision, self.device)
         if why:
             self._print(why)
+        # What the step function sees while training; checkpoints save self.model (under
+        # fsdp the same module, sharded in place).
+        if self.sharded:
+            self.train_model = shard_model(
+                self.model,
+                self.dist,
+                self.device,
+                self.precision,
+                wrap_name=cfg.trainer.fsdp_wrap,
+                cpu_offload=cfg.trainer.fsdp_cpu_offload,
+            )
+        else:
+            self.train_model = wrap_for_training(self.model, self.dist, self.device)
+        if cfg.trainer.compile:
+            # Compiled for training only: checkpoints save self.model, so no _orig_mod. keys.
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
         self.batch_size = self._resolve_batch_size()
+        # trainer.keep_effective_batch on another number of ranks: another accumulation.
+        saved_settings = self.opening.recorded_resume_settings
+        self._accum = accumulation_for(cfg, saved_settings, self.dist.world_size)
         self.optimizer = (
             optimizer_fn or functools.partial(default_optimizer, optim_cfg=cfg.optim)
         )(self.model)
@@ -202,8 +225,8 @@ class InterruptibleTrainer:
             self.dist.world_size,
         )
         self.batches_per_epoch = math.ceil(len(self.sampler) / self.batch_size)
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.trainer.grad_accum_steps)
-        self.total_steps = cfg.trainer.max_epochs * self.steps_per_epoch
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self._accum)
+        self.total_steps = self._planned_steps()
         if cfg.trainer.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.trainer.max_steps)
         self.scheduler = warmup_cosine_schedule(self.optimizer, cfg.optim, self.total_steps)
@@ -211,7 +234,7 @@ class InterruptibleTrainer:
             self.device.type, enabled=self.precision == "fp16" and self.device.type == "cuda"
         )
         self.parts = TrainingParts(
-            self.model, self.optimizer, self.scheduler, self.scaler, trainable_only
+            self.model, self.optimizer, self.scheduler, self.scaler, trainable_only, self.sharded
         )
         self.state = TrainState()
         self.epoch_loss = EpochLoss(self.device)  # the epoch's mean train loss, per rank
@@ -220,7 +243,6 @@ class InterruptibleTrainer:
         # Read once: an omegaconf lookup costs ~25 us, several per step add up on small models.
         self._log_every = cfg.trainer.log_every_n_steps
         self._clip_norm = cfg.trainer.grad_clip_norm
-        self._accum = cfg.trainer.grad_accum_steps
         self._resume_settings = resume_settings(cfg, self.dist.world_size)
         stop_names = ["SIGTERM", "SIGINT", cfg.trainer.extra_stop_signal]
         self._stop_signal_names = [name for name in stop_names if name]
@@ -230,6 +252,10 @@ class InterruptibleTrainer:
         # Last, so a bad trainer.monitor leaves the run directory untouched.
         self._check_monitor()
         prepare_run_dir(cfg, is_main=is_main)
+        if self.sharded:
+            checkpoint_format = ShardedFormat(
+                functools.partial(sharded_state, self.model, self.optimizer), self.dist.rank
+            )
         self.checkpoints = CheckpointManager(
             self.layout.checkpoints,
             keep_last_n=cfg.checkpoint.keep_last_n,
@@ -306,9 +332,13 @@ class InterruptibleTrainer:
             if self.is_adapter:
                 final = self.layout.final_adapter
                 self.checkpoints.save_output(lambda: save_adapter(self.model, final))
-            else:
+            elif not self.sharded:
                 self.checkpoints.save_weights(self.model.state_dict(), self.layout.final_model)
             write_json(self.layout.training_log, self.state.history)
+        if self.sharded:  # consolidated on rank 0 (a collective): export takes it unchanged
+            weights = full_weights(self.model)
+            if self.dist.is_main:
+                self.checkpoints.save_weights(weights, self.layout.final_model)
         if max_over_ranks(int(self.stop_request.requested), self.dist, self.device):
             name = self.stop_request.signal_name or "a stop signal"
             self._print(f"{name} after the last step: the run is trained and saved")
@@ -372,24 +402,30 @@ class InterruptibleTrainer:
         """From the saved position to the epoch's end: RUNNING. COMPLETED when max_steps
         ends it early, INTERRUPTED or BUDGET_REACHED when a stop does (checkpoint saved)."""
         state, accum = self.state, self._accum
-        self.sampler.set_epoch(state.epoch, start_index=state.batch_in_epoch * self.batch_size)
+        # From the samples all ranks consumed so far: the ranks there are now share the rest.
+        self.sampler.set_epoch(state.epoch, global_start=state.samples_in_epoch or 0)
+        batches_left = math.ceil(len(self.sampler) / self.batch_size)
+        samples_per_batch = self.batch_size * self.dist.world_size
         loader = self._loader(self.train_set, self.sampler)
         self.train_model.train()
         progress.training(True)
         non_blocking = self.device.type == "cuda"
-        for batch in loader:
-            group_start = (state.batch_in_epoch // accum) * accum
-            group_size = min(accum, self.batches_per_epoch - group_start)
-            is_last_micro = state.batch_in_epoch + 1 == group_start + group_size
+        for done, batch in enumerate(loader):  # done: micro-batches of this loader so far
+            group_start = (done // accum) * accum
+            group_size = min(accum, batches_left - group_start)
+            is_last_micro = done + 1 == group_start + group_size
             batch = move_to_device(batch, self.device, non_blocking)
             sync = NO_CONTEXT
-            if self.dist.is_distributed and not is_last_micro:
+            if self.sharded:
+                gradient_sync(self.model, is_last_micro)
+            elif self.dist.is_distributed and not is_last_micro:
                 sync = self.train_model.no_sync()  # type: ignore[operator]
             with sync, self._autocast():
                 metrics = as_metrics(self.step_fn(self.train_model, batch))
                 loss = metrics["loss"]
                 self.scaler.scale(loss / group_size if group_size > 1 else loss).backward()
             state.batch_in_epoch += 1
+            state.samples_in_epoch = (state.samples_in_epoch or 0) + samples_per_batch
             self.epoch_loss.add(loss, batch_size_of(batch))
             if not is_last_micro:
                 continue
@@ -399,7 +435,7 @@ class InterruptibleTrainer:
                 lr = self.scheduler.get_last_lr()[0]
                 cost = self.cost.cost_now(state) if self.cost.tracked else None
                 progress.step(metrics, state.global_step, lr, cost)
-            at_epoch_end = state.batch_in_epoch >= self.batches_per_epoch
+            at_epoch_end = done + 1 >= batches_left
             if state.global_step >= self.total_steps and not at_epoch_end:
                 return Outcome.COMPLETED
             stop = self._stop_requested()  # at an epoch end too: evaluation can wait
@@ -462,6 +498,7 @@ class InterruptibleTrainer:
         if epoch_done:
             state.epoch += 1
             state.batch_in_epoch = 0
+            state.samples_in_epoch = 0
             self.epoch_loss.reset()
         return improved, early_stop
 
@@ -493,6 +530,8 @@ class InterruptibleTrainer:
             final_state = {k: v.clone() for k, v in trainable_state_dict(self.model).items()}
             if self.is_adapter:
                 load_adapter_weights(self.model, best_path)
+            elif self.sharded:
+                load_full_weights(self.model, torch.load(best_path, map_location="cpu"))
             else:
                 self.model.load_state_dict(torch.load(best_path, map_location="cpu"))
             weights = "best"
@@ -542,8 +581,10 @@ class InterruptibleTrainer:
         # The best weights are durable before the checkpoint that names them commits. A plain
         # model's come from the snapshot (no second copy); a partly frozen one's snapshot lacks
         # the frozen part, so they are written from the model now.
-        best_from_snapshot = is_best and not (self.is_adapter or self.parts.trainable_only)
-        if is_best and not best_from_snapshot and self.dist.is_main:
+        best_from_snapshot = is_best and not (
+            self.is_adapter or self.parts.trainable_only or self.sharded
+        )
+        if is_best and not best_from_snapshot:
             self._save_best_now()
         self.checkpoints.save(
             snapshot,
@@ -553,6 +594,7 @@ class InterruptibleTrainer:
             metadata={
                 "epoch": self.state.epoch,
                 "batch_in_epoch": self.state.batch_in_epoch,
+                "samples_in_epoch": self.state.samples_in_epoch,
                 "batch_size": self.batch_size,  # the size data.batch_size=auto found
                 "effective_batch_size": self.effective_batch_size,
                 "resume_settings": self._resume_settings,  # checked before a re-run resumes
@@ -561,6 +603,14 @@ class InterruptibleTrainer:
         )
 
     def _save_best_now(self) -> None:
+        """Every rank (fsdp gathers the whole weights); rank 0 writes them."""
+        if self.sharded:
+            weights = full_weights(self.model)
+            if self.dist.is_main:
+                self.checkpoints.save_weights(weights, self.layout.best_model)
+            return
+        if not self.dist.is_main:
+            return
         if self.is_adapter:
             best = self.layout.best_adapter
             self.checkpoints.save_output(lambda: save_adapter(self.model, best))
@@ -578,9 +628,17 @@ class InterruptibleTrainer:
         checkpoint, info = loaded
         source = self.checkpoints.last_source or str(info.path)
         self.state, self.epoch_loss = restore_snapshot(
-            checkpoint, self.parts, self.dist.rank, self.device
+            checkpoint, self.parts, self.dist.rank, self.device, self.dist.world_size
         )
         state = self.state
+        saved_world = int((info.metadata.get("resume_settings") or {}).get("world_size", 1))
+        if state.samples_in_epoch is None:  # a checkpoint from before it was recorded
+            state.samples_in_epoch = state.batch_in_epoch * self.batch_size * saved_world
+        if saved_world != self.dist.world_size:
+            self._print(
+                f"world size changed: checkpointed on {saved_world} rank(s), now "
+                f"{self.dist.world_size}; {self._describe_batch()}"
+            )
         if state.status != Outcome.RUNNING and not self._work_left():
             self._print(finished_line(self.cfg.run_name, state))
             return state.global_step
@@ -645,6 +703,27 @@ class InterruptibleTrainer:
     def _search_step(self, model: nn.Module, batch: Any) -> torch.Tensor:
         with self._autocast():
             return as_metrics(self.step_fn(model, batch))["loss"]
+
+    def _planned_steps(self) -> int:
+        """Optimizer steps to the end of ``max_epochs``. Resumed on another number of ranks,
+        the steps already taken, then the rest of the interrupted epoch and the epochs after
+        it at this many ranks (the LR schedule spans exactly the steps the run will take)."""
+        planned = self.cfg.trainer.max_epochs * self.steps_per_epoch
+        resume_from = self.opening.resume_metadata
+        saved_world = int((resume_from.get("resume_settings") or {}).get("world_size", 1))
+        if not resume_from or saved_world == self.dist.world_size:
+            return planned
+        epoch, step = int(resume_from.get("epoch", 0)), int(resume_from.get("step", 0))
+        if epoch >= self.cfg.trainer.max_epochs:
+            return step
+        consumed = resume_from.get("samples_in_epoch")
+        if consumed is None:  # recorded since world-size changes resume
+            per_device = int(resume_from.get("batch_size") or self.batch_size)
+            consumed = int(resume_from.get("batch_in_epoch", 0)) * per_device * saved_world
+        left = len(self.train_set) - int(consumed)  # type: ignore[arg-type]
+        batches_left = math.ceil(math.ceil(left / self.dist.world_size) / self.batch_size)
+        epochs_after = self.cfg.trainer.max_epochs - epoch - 1
+        return step + math.ceil(batches_left / self._accum) + epochs_after * self.steps_per_epoch
 
     @property
     def effective_batch_size(self) -> int:

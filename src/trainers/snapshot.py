@@ -25,6 +25,7 @@ from src.checkpoints.trainable import (
 )
 from src.common.rng import capture_rng_state, restore_rng_state
 from src.trainers.distributed import DistInfo, gather_objects
+from src.trainers.fsdp import load_sharded_state, sharded_state
 from src.trainers.train_state import EpochLoss, TrainState
 
 
@@ -33,6 +34,7 @@ class TrainingParts:
     """The objects whose state a checkpoint holds (the model unwrapped: no DDP or compile).
 
     ``trainable_only``: save the model's trainable parameters and buffers, not its frozen ones.
+    ``sharded``: FSDP; model and optimizer are this rank's shards (src/trainers/fsdp.py).
     """
 
     model: nn.Module
@@ -40,6 +42,7 @@ class TrainingParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     trainable_only: bool = False
+    sharded: bool = False
 
 
 def take_snapshot(
@@ -51,14 +54,18 @@ def take_snapshot(
     per_rank = gather_objects(
         (capture_rng_state(), epoch_loss.sum.item(), epoch_loss.samples), dist
     )
+    if parts.sharded:
+        sharded = sharded_state(parts.model, parts.optimizer)
+        model_state, optimizer_state = sharded["model"], sharded["optimizer"]
+    else:
+        model_state, optimizer_state = parts.model.state_dict(), parts.optimizer.state_dict()
+    scope = FULL_SCOPE
     if parts.trainable_only:
         model_state, scope = trainable_state_dict(parts.model), TRAINABLE_SCOPE
-    else:
-        model_state, scope = parts.model.state_dict(), FULL_SCOPE
     return {
         "model": model_state,
         "model_scope": scope,
-        "optimizer": parts.optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": parts.scheduler.state_dict(),
         "scaler": parts.scaler.state_dict(),
         "rng": [rng for rng, _, _ in per_rank],
@@ -69,26 +76,38 @@ def take_snapshot(
 
 
 def restore_snapshot(
-    checkpoint: Mapping[str, Any], parts: TrainingParts, rank: int, device: torch.device
+    checkpoint: Mapping[str, Any],
+    parts: TrainingParts,
+    rank: int,
+    device: torch.device,
+    world_size: int = 1,
 ) -> tuple[TrainState, EpochLoss]:
     """Load a checkpoint (loaded onto the CPU) into the training objects; returns the counters
     and this rank's epoch loss. A run saved on a GPU resumes on the CPU and the other way
-    round: each part goes where its object lives now."""
-    if checkpoint.get("model_scope") == TRAINABLE_SCOPE:
+    round: each part goes where its object lives now.
+
+    Saved by another number of ranks (``world_size`` now): each rank takes the RNG states of
+    the saved rank of its number (the last one's beyond them), and the epoch's train loss
+    shares are regrouped so that their sum over the ranks stays the same."""
+    if parts.sharded:
+        load_sharded_state(parts.model, parts.optimizer, dict(checkpoint))
+    elif checkpoint.get("model_scope") == TRAINABLE_SCOPE:
         load_trainable_state(parts.model, checkpoint["model"])
+        parts.optimizer.load_state_dict(checkpoint["optimizer"])
     else:  # a full state dict loads into a partly frozen model too
         parts.model.load_state_dict(checkpoint["model"])
-    parts.optimizer.load_state_dict(checkpoint["optimizer"])  # moves state to param devices
+        parts.optimizer.load_state_dict(checkpoint["optimizer"])  # moves state to param devices
     parts.scheduler.load_state_dict(checkpoint["scheduler"])
     if should_load_scaler(checkpoint["scaler"], parts.scaler.is_enabled()):
         parts.scaler.load_state_dict(checkpoint["scaler"])
     state = TrainState.from_checkpoint(checkpoint["trainer"])
     rng_states = checkpoint["rng"]
-    rank = min(rank, len(rng_states) - 1)
-    restore_rng_state(rng_states[rank])
+    restore_rng_state(rng_states[min(rank, len(rng_states) - 1)])
     loss_sum, samples = checkpoint["epoch_loss_sum"], checkpoint["epoch_samples"]
     if isinstance(samples, list):  # per rank; older checkpoints hold rank 0's only
-        loss_sum, samples = loss_sum[rank], samples[rank]
+        # The saved ranks rank, rank + world_size, ...: the same shares at the same size.
+        loss_sum = sum(loss_sum[rank::world_size])
+        samples = sum(samples[rank::world_size])
     return state, EpochLoss(device, loss_sum, samples)
 
 

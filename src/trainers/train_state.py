@@ -54,7 +54,10 @@ class TrainState:
 
     epoch: int = 0  # epochs fully completed
     global_step: int = 0  # optimizer steps taken
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    batch_in_epoch: int = 0  # micro-batches of the current epoch this rank consumed
+    # Samples of the current epoch all ranks together consumed: the data position a resume
+    # on any number of ranks takes up (None: a checkpoint from before it was recorded).
+    samples_in_epoch: int | None = 0
     best_value: float | None = None  # of trainer.monitor
     best_epoch: int = -1
     best_step: int = -1
@@ -74,6 +77,8 @@ class TrainState:
     def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
         known = {f.name for f in dataclasses.fields(cls)}
         state = cls(**{key: value for key, value in saved.items() if key in known})
+        if "samples_in_epoch" not in saved:
+            state.samples_in_epoch = None
         state.status = Outcome(state.status)
         return state
 

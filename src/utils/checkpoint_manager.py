@@ -175,11 +175,28 @@ class CheckpointManager:
         same snapshot, so best_model.pt never costs the loop a second copy.
         """
         path = self.path_for(step)
-        if not self.is_writer:
+        every_rank = getattr(self.format, "every_rank_writes", False)
+        if not self.is_writer and not every_rank:
             return path
         started = time.perf_counter()
         self.start_mirror()
         self._writer.wait()
+        if every_rank:  # sharded: each rank stages (or writes) its own shards now
+            finish = self.format.begin_write(  # type: ignore[attr-defined]
+                self.checkpoint_dir,
+                step,
+                state,
+                is_best=is_best,
+                metadata=dict(metadata or {}),
+                blocking=blocking or not self.async_save,
+            )
+            job = functools.partial(self._finish_every_rank, finish)
+            if self.async_save and not blocking:
+                self._writer.start(job, name=f"checkpoint-{step}")
+            else:
+                job()
+            self.last_stall_s = time.perf_counter() - started
+            return path
         details = (step, is_best, dict(metadata or {}), best_model_path)
         if self.async_save and not blocking:
             snapshot = self._writer.snapshot(state)
@@ -241,6 +258,20 @@ class CheckpointManager:
         self._checkpoint_bytes = record.size
         if not self._space_checked:
             self._check_space(record.size, state_bytes(snapshot.get("model")))
+        self._prune()
+
+    def _finish_every_rank(self, finish: Callable[[], CheckpointRecord | None]) -> None:
+        """The end of a sharded write: every rank's shards land; rank 0 then commits the
+        sidecar (last), mirrors and prunes."""
+        record = finish()
+        if record is None or not self.is_writer:
+            return
+        self.format.commit(record)
+        if self.mirror is not None:
+            self.mirror.enqueue(record)
+        self._checkpoint_bytes = record.size
+        if not self._space_checked:
+            self._check_space(record.size, 0)
         self._prune()
 
     def save_weights(self, weights: dict[str, Any], path: Path) -> None:

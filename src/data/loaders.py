@@ -47,7 +47,7 @@ class SeededBatchSampler(Sampler[tuple[int, list[int]]]):
         self.tag = tag  # False: seeds are unused (no workers), skip computing them
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        batch_index = self.sampler.start_index // self.batch_size
+        batch_index = self.sampler.consumed_share // self.batch_size
         indices = list(self.sampler)
         for start in range(0, len(indices), self.batch_size):
             seed = (

@@ -56,6 +56,13 @@ class ResumableSampler(Sampler[int]):
             remaining += order[: padded_size - len(remaining)]
         return remaining[self.rank :: self.world_size]
 
+    @property
+    def consumed_share(self) -> int:
+        """Samples of this rank's share of the epoch already consumed: the position that keys
+        per-batch seeds, so a resume at the same number of ranks seeds each batch as the
+        uninterrupted run did."""
+        return self.global_start // self.world_size + self.start_index
+
     def __iter__(self) -> Iterator[int]:
         return iter(self.rank_indices()[self.start_index :])
 

@@ -282,9 +282,9 @@ class Noisy(Dataset):
         return torch.rand(()) + index
 
 
-def draws(epoch: int, start_index: int = 0, rank: int = 0) -> list[float]:
+def draws(epoch: int, start_index: int = 0, rank: int = 0, global_start: int = 0) -> list[float]:
     sampler = ResumableSampler(8, seed=3, shuffle=False, rank=rank)
-    sampler.set_epoch(epoch, start_index)
+    sampler.set_epoch(epoch, start_index, global_start=global_start)
     loader = make_loader(
         Noisy(), sampler, batch_size=2, seed=3, rank=rank, num_workers=2,
         collate_fn=None, pin_memory=False,
@@ -296,6 +296,8 @@ def test_worker_draws_differ_by_epoch_and_come_back_on_resume() -> None:
     epoch0, epoch1 = draws(0), draws(1)
     assert epoch0 != epoch1, "augmentation must not repeat every epoch"
     assert draws(0, start_index=4) == epoch0[4:], "a resumed epoch draws what the original did"
+    # The trainer resumes from the samples all ranks consumed (global_start): same draws.
+    assert draws(0, global_start=4) == epoch0[4:]
     assert draws(0, rank=1) != epoch0
     seeds = [mix_seed(3, e, r, b) for e in range(3) for r in range(2) for b in range(4)]
     assert len(set(seeds)) == len(seeds)

@@ -115,8 +115,14 @@ def test_mixed_precision_on_cpu_falls_back_to_fp32(
     assert "precision bf16 needs CUDA" in capsys.readouterr().out
 
 
-def test_signal_inside_fit_stops_at_a_step_boundary(tmp_path: Path) -> None:
+def test_signal_inside_fit_stops_at_a_step_boundary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The handler only sets a flag; fit() returns 'interrupted' with a checkpoint on disk."""
+    # As in a script, whatever ran earlier in this worker: no kernel loaded (a kernel keeps
+    # its own handlers after a stop), no after-training handler left by an earlier fit.
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     trainer, _ = make_trainer(tmp_path, "run_name=sig", "trainer.log_every_n_steps=1")
     original_step = trainer._optimizer_step
 

@@ -9,6 +9,7 @@ its JSON form is spelled here once. A one-file checkpoint keeps the original fla
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,34 @@ class CheckpointRecord:
             metadata=dict(data.get("metadata") or {}),
             created_at=float(created_at) if created_at is not None else None,
         )
+
+
+def folder_record(
+    folder: Path,
+    step: int,
+    paths: Iterable[Path],
+    *,
+    is_best: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> CheckpointRecord:
+    """The record of a checkpoint folder's files as they are now (each one hashed), named
+    relative to the folder's parent as the sidecar lists them."""
+    files = tuple(
+        CheckpointFile(
+            path.relative_to(folder.parent).as_posix(), path.stat().st_size, sha256_file(path)
+        )
+        for path in paths
+    )
+    return CheckpointRecord(
+        step=step,
+        path=folder,
+        sha256=content_digest(files),
+        size=sum(part.size for part in files),
+        files=files,
+        is_best=is_best,
+        metadata=dict(metadata or {}),
+        created_at=time.time(),
+    )
 
 
 def content_digest(files: Iterable[CheckpointFile]) -> str:

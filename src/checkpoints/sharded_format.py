@@ -27,7 +27,6 @@ from __future__ import annotations
 import atexit
 import io
 import shutil
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from torch.distributed._state_dict_utils import (
     _create_cpu_state_dict,
 )
 
-from src.checkpoints.record import CheckpointFile, CheckpointRecord, content_digest, verify_files
+from src.checkpoints.record import CheckpointRecord, folder_record, verify_files
 from src.checkpoints.sidecar import (
     CHECKPOINT_PREFIX,
     SIDECAR_SUFFIX,
@@ -53,7 +52,7 @@ from src.checkpoints.sidecar import (
     sidecar_path,
     write_sidecar,
 )
-from src.common.atomic_io import atomic_write_bytes, fsync_dir, sha256_file
+from src.common.atomic_io import atomic_write_bytes, fsync_dir
 
 SHARDED_KEYS = ("model", "optimizer")  # written by DCP; the rest goes into TRAINER_FILE
 TRAINER_FILE = "trainer.pt"
@@ -138,21 +137,8 @@ class ShardedFormat:
                 return None
             atomic_write_bytes(folder / TRAINER_FILE, rest.getvalue())
             fsync_dir(folder)
-            files = tuple(
-                CheckpointFile(f"{folder.name}/{path.name}", path.stat().st_size, sha256_file(path))
-                for path in sorted(folder.iterdir())
-                if path.is_file()
-            )
-            return CheckpointRecord(
-                step=step,
-                path=folder,
-                sha256=content_digest(files),
-                size=sum(part.size for part in files),
-                files=files,
-                is_best=is_best,
-                metadata=dict(metadata or {}),
-                created_at=time.time(),
-            )
+            files = sorted(path for path in folder.iterdir() if path.is_file())
+            return folder_record(folder, step, files, is_best=is_best, metadata=metadata)
 
         return finish
 

@@ -16,19 +16,17 @@ import json
 import os
 import re
 import shutil
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from src.checkpoints.record import (
-    CheckpointFile,
     CheckpointRecord,
-    content_digest,
+    folder_record,
     retained_steps,
     verify_files,
 )
-from src.common.atomic_io import atomic_write_bytes, fsync_dir, sha256_file
+from src.common.atomic_io import atomic_write_bytes, fsync_dir
 from src.common.console import print_note, print_warning
 from src.storage.checkpoint_mirror import CheckpointMirror
 
@@ -75,22 +73,7 @@ def build_record(
 ) -> CheckpointRecord:
     """The record of ``folder`` as it is now (each file hashed)."""
     step = int(CHECKPOINT_DIR.match(folder.name).group(1))  # type: ignore[union-attr]
-    files = tuple(
-        CheckpointFile(
-            path.relative_to(folder.parent).as_posix(), path.stat().st_size, sha256_file(path)
-        )
-        for path in _files_of(folder)
-    )
-    return CheckpointRecord(
-        step=step,
-        path=folder,
-        sha256=content_digest(files),
-        size=sum(part.size for part in files),
-        files=files,
-        is_best=is_best,
-        metadata=dict(metadata or {}),
-        created_at=time.time(),
-    )
+    return folder_record(folder, step, _files_of(folder), is_best=is_best, metadata=metadata)
 
 
 def commit(record: CheckpointRecord) -> None:

@@ -122,33 +122,16 @@ def run_sharded(args: argparse.Namespace) -> dict:
     import torch
 
     ranks = 2 if args.device == "cpu" else max(1, min(2, torch.cuda.device_count()))
+    torchrun = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone"]
+    return run_mode("sharded", args, launcher=torchrun)
+
+
+def run_mode(mode: str, args: argparse.Namespace, launcher: list[str] | None = None) -> dict:
+    """This script as a worker process (under ``launcher``, e.g. torchrun): its last line."""
     with tempfile.TemporaryDirectory() as out_dir:
         command = [
             sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={ranks}",
-            "--standalone",
-            __file__,
-            "--worker",
-            "sharded",
-            "--state-mb",
-            str(args.state_mb),
-            "--saves",
-            str(args.saves),
-            "--device",
-            args.device,
-            "--out",
-            out_dir,
-        ]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
-
-
-def run_mode(mode: str, args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory() as out_dir:
-        command = [
-            sys.executable,
+            *(launcher or []),
             __file__,
             "--worker",
             mode,

@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,13 @@ from src.data.resumable_sampler import ResumableSampler
 from src.models.template import load_template_config
 from src.trainers import distributed
 from tests.support.experiment import (
-    EXPERIMENT,
     REPO_ROOT,
     assert_bit_identical,
     assert_same_history,
     experiment_env,
     load_weights,
     run_experiment,
+    torchrun_command,
     wait_for_checkpoint,
 )
 
@@ -59,18 +58,6 @@ TWO_GPUS = pytest.mark.skipif(
     torch.cuda.device_count() < 2,
     reason=f"needs 2 GPUs for 2 NCCL ranks (this machine has {torch.cuda.device_count()})",
 )
-
-
-def torchrun_command(ranks: int, args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={ranks}",
-        "--standalone",
-        str(EXPERIMENT),
-        *args,
-    ]
 
 
 def ddp_args(output_dir: Path, run_name: str, device: str, *extra: str) -> list[str]:

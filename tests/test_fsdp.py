@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +36,7 @@ from tests.support.experiment import (
     load_weights,
     newest_checkpoint_step,
     run_experiment,
+    torchrun_command,
     wait_for_checkpoint,
 )
 from tests.support.moto_server import AWS_ENV, MotoS3, running_moto_s3
@@ -70,25 +70,13 @@ def fsdp_args(output_dir: Path, run_name: str, *extra: str, device: str = "cpu")
     ]
 
 
-def torchrun(ranks: int, args: list[str], experiment: Path = EXPERIMENT) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={ranks}",
-        "--standalone",
-        str(experiment),
-        *args,
-    ]
-
-
 def env(**extra: str) -> dict[str, str]:
     return experiment_env(**AWS_ENV, **extra)
 
 
 def run(ranks: int, args: list[str], **extra_env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        torchrun(ranks, args),
+        torchrun_command(ranks, args, EXPERIMENT),
         cwd=REPO_ROOT,
         env=env(**extra_env),
         capture_output=True,
@@ -100,7 +88,7 @@ def run(ranks: int, args: list[str], **extra_env: str) -> subprocess.CompletedPr
 def start(ranks: int, args: list[str], **extra_env: str) -> subprocess.Popen:
     """In its own process group: a signal reaches the agent and every rank, as under Slurm."""
     return subprocess.Popen(
-        torchrun(ranks, args),
+        torchrun_command(ranks, args, EXPERIMENT),
         cwd=REPO_ROOT,
         env=env(**extra_env),
         stdout=subprocess.PIPE,

@@ -37,6 +37,19 @@ def start_experiment(
     )
 
 
+def torchrun_command(ranks: int, args: list[str], experiment: Path = EXPERIMENT) -> list[str]:
+    """``experiment`` under torchrun: ``ranks`` local processes, a standalone rendezvous."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        "--standalone",
+        str(experiment),
+        *args,
+    ]
+
+
 def run_experiment(
     args: list[str],
     env: dict[str, str] | None = None,

@@ -53,6 +53,7 @@ from src.checkpoints.sidecar import (
     write_sidecar,
 )
 from src.common.atomic_io import atomic_write_bytes, fsync_dir
+from src.common.process_groups import leave_process_group
 
 SHARDED_KEYS = ("model", "optimizer")  # written by DCP; the rest goes into TRAINER_FILE
 TRAINER_FILE = "trainer.pt"
@@ -80,7 +81,7 @@ class ShardedFormat:
         if self.group is not None:
             # Before the default group goes (atexit runs last-registered first): a gloo group
             # left to the interpreter's teardown can abort the process on its way out.
-            atexit.register(_destroy_group, self.group)
+            atexit.register(leave_process_group, self.group)
         self._host_buffers: dict[str, Any] | None = None  # the staging copy, reused
 
     def _stage(self, sharded: dict[str, Any]) -> dict[str, Any]:
@@ -204,8 +205,3 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (list, tuple)):
         return [tensor for item in value for tensor in _tensors(item)]
     return []
-
-
-def _destroy_group(group: dist.ProcessGroup) -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group(group)

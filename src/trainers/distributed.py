@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from src.common.process_groups import leave_process_group
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -59,7 +61,7 @@ def init_distributed(device_type: str) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         # NCCL warns at exit about a group never destroyed (and may leave work pending).
-        atexit.register(_destroy_process_group)
+        atexit.register(leave_process_group)
     return info
 
 
@@ -70,11 +72,6 @@ def wrap_for_training(model: nn.Module, info: DistInfo, device: torch.device) ->
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids)
-
-
-def _destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def max_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:

@@ -142,6 +142,32 @@ def test_signal_inside_fit_stops_at_a_step_boundary(
         signal.signal(sig, signal.SIG_DFL)
 
 
+def test_a_signal_during_evaluation_stops_on_the_epoch_checkpoint_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A notice that lands while the epoch's evaluation runs (after the last step's check):
+    the epoch-end checkpoint is the stop's, and the same "re-run to resume" line is printed
+    (the Slurm time-limit test once caught it missing)."""
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    trainer, _ = make_trainer(tmp_path, "run_name=evalsig")
+    original_evaluate = trainer.evaluate
+
+    def evaluate_then_signal(dataset: object) -> dict[str, float]:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return original_evaluate(dataset)
+
+    trainer.evaluate = evaluate_then_signal  # type: ignore[method-assign]
+    result = trainer.fit()
+    steps_per_epoch = trainer.state.global_step
+    assert result.interrupted and trainer.state.epoch == 1
+    assert trainer.checkpoints.latest_path().name == f"step_{steps_per_epoch:09d}.pt"
+    out = capsys.readouterr().out
+    assert f"saved checkpoint at step {steps_per_epoch}; re-run to resume" in out
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def test_sampler_resumes_mid_epoch_and_shards_by_rank() -> None:
     full = ResumableSampler(100, seed=5)
     full.set_epoch(3)

@@ -389,10 +389,9 @@ class InterruptibleTrainer:
                 self._print(f"pruned at epoch {state.epoch}: an evaluation hook asked to stop")
                 return Outcome.PRUNED
             stop = self._stop_requested() if self._work_left() else Outcome.RUNNING
-            if stop.stopped:
+            if stop.stopped:  # the signal came during evaluation: the epoch checkpoint holds
                 self.checkpoints.wait()
-                if stop == Outcome.BUDGET_REACHED:
-                    self._print(self.cost.budget_reached_line(state))
+                self._announce_stop(stop)
                 return stop
         if not state.status.finished_early:
             state.status = Outcome.COMPLETED
@@ -444,13 +443,17 @@ class InterruptibleTrainer:
             ):
                 # On stop: no staging copy, and durable before we say so.
                 self._save_checkpoint(blocking=stop.stopped)
-            if stop == Outcome.BUDGET_REACHED:
-                self._print(self.cost.budget_reached_line(state))
-                return stop
-            if stop == Outcome.INTERRUPTED:
-                self._print(f"saved checkpoint at step {state.global_step}; re-run to resume")
+            if stop.stopped:
+                self._announce_stop(stop)
                 return stop
         return Outcome.RUNNING
+
+    def _announce_stop(self, stop: Outcome) -> None:
+        """One line for a stop whose checkpoint is saved, wherever in the epoch it came."""
+        if stop == Outcome.BUDGET_REACHED:
+            self._print(self.cost.budget_reached_line(self.state))
+        else:
+            self._print(f"saved checkpoint at step {self.state.global_step}; re-run to resume")
 
     def _optimizer_step(self) -> None:
         if self._clip_norm > 0:

@@ -25,7 +25,8 @@ import yaml
 from src.common.signals import EXIT_INTERRUPTED
 from src.config import ConfigError
 from src.sweeps.hparam import expand_trials, load_sweep, uses_optuna
-from src.sweeps.optuna_study import first_number, open_storage
+from src.sweeps.optuna_report import trial_rows
+from src.sweeps.optuna_study import SURPLUS_ATTR, first_number, open_storage, run_study
 from tests.support.experiment import (
     experiment_env,
     newest_checkpoint_step,
@@ -330,6 +331,40 @@ def test_sigkilled_sweep_rerun_resumes_its_trial_under_the_same_number(tmp_path:
     interrupted, resumed = (json.loads(line) for line in lines)
     assert interrupted["exit"] == EXIT_INTERRUPTED
     assert resumed["first_step"] == interrupted["last_step"] and resumed["exit"] == 0
+
+
+def test_two_workers_asking_for_the_last_trial_at_once_run_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both saw one trial left and asked: the database numbers them in order, so the later
+    one is surplus, never run and not counted; the study ends with exactly n_trials."""
+    config = write_sweep(
+        tmp_path,
+        experiment="tests/support/sweep_fake_trial.py",
+        method="random",
+        n_trials=1,
+        pruner="none",
+        parameters={"x": [0.5, 2.0]},
+    )
+    original_ask = optuna.Study.ask
+
+    def another_worker_asks_first(study: optuna.Study, *args: object, **kwargs: object):
+        other = load_study(tmp_path)  # the other worker's own connection to the study
+        other.tell(original_ask(other), 1.0)
+        return original_ask(study, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "ask", another_worker_asks_first)
+    lines: list[str] = []
+    outcome = run_study(load_sweep(config), echo=lines.append)
+    monkeypatch.undo()
+
+    assert outcome.ran == [] and outcome.exit_code == 0, lines
+    assert "[sweep] trial 1: not run, another worker took the last one" in lines
+    completed, surplus = load_study(tmp_path).trials
+    assert completed.state == optuna.trial.TrialState.COMPLETE
+    assert surplus.state == optuna.trial.TrialState.FAIL and surplus.system_attrs[SURPLUS_ATTR]
+    assert not (tmp_path / "out" / "opt_trial1").exists()
+    assert [row["number"] for row in trial_rows(outcome.setup)] == [0]
 
 
 def test_the_trainer_imports_no_search_library() -> None:

@@ -27,6 +27,7 @@ from src.common.atomic_io import atomic_write_bytes
 from src.runs.files import write_json
 from src.runs.layout import RunLayout
 from src.sweeps.optuna_study import (
+    SURPLUS_ATTR,
     StudySetup,
     first_number,
     redact,
@@ -77,6 +78,8 @@ def _epochs_run(run_dir: Path, results: dict[str, Any]) -> int | None:
 def trial_rows(setup: StudySetup) -> list[dict[str, Any]]:
     rows = []
     for trial in setup.study.get_trials(deepcopy=False):
+        if trial.system_attrs.get(SURPLUS_ATTR):  # asked, never run: not part of the study
+            continue
         run_name = trial_run_name(setup.spec, trial)
         run_dir = setup.paths.output_dir / run_name
         results = trial_results(run_dir)

@@ -69,6 +69,7 @@ TRIAL_ID_ENV = "SWEEP_OPTUNA_TRIAL_ID"
 TRIAL_PRUNER_ENV = "SWEEP_OPTUNA_PRUNER"  # JSON: {"name": ..., "args": {...}}
 PRUNED_ATTR = "sweep:pruned_at_epoch"  # set by the trial process when it prunes
 WORKER_ATTR = "sweep:worker"  # {"machine", "pid"} of the worker running the trial
+SURPLUS_ATTR = "sweep:surplus"  # asked while another worker took the last of n_trials: not run
 MACHINE_ENV = "SWEEP_MACHINE_ID"  # names this machine; default: its hostname
 WAIT_SECONDS = 0.2
 
@@ -188,8 +189,18 @@ def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
 
 
 def counted_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that make up n_trials: not the failed ones a retry continues, nor the
+    surplus ones (asked at the same instant as the last counted one, never run)."""
     retried = retried_numbers(trials)
-    return [t for t in trials if t.number not in retried]
+    return [t for t in trials if t.number not in retried and not t.system_attrs.get(SURPLUS_ATTR)]
+
+
+def is_surplus(trials: list[FrozenTrial], number: int, target: int) -> bool:
+    """Trial ``number`` comes after ``target`` counted trials. The database numbers trials in
+    the order they were asked, so of two workers that both saw one trial left and asked at the
+    same instant, the later number is the surplus; an earlier trial never becomes one."""
+    earlier = [t for t in counted_trials(trials) if t.number < number]
+    return len(earlier) >= target
 
 
 @dataclass
@@ -319,6 +330,11 @@ def run_study(spec: SweepSpec, echo: Callable[[str], None] = print) -> WorkerOut
                 time.sleep(WAIT_SECONDS)
                 continue
             trial = study.ask()
+            if is_surplus(study.get_trials(deepcopy=False), trial.number, target):
+                storage.set_trial_system_attr(trial._trial_id, SURPLUS_ATTR, True)
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                echo(f"[sweep] trial {trial.number}: not run, another worker took the last one")
+                continue
             storage.record_heartbeat(trial._trial_id)  # at once: a retried trial's is old
             worker = {"machine": machine_id(), "pid": os.getpid()}
             storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker)

@@ -278,6 +278,14 @@ def test_bad_space_is_one_line_exit_2_and_nothing_started(
     assert not (tmp_path / "out").exists()
 
 
+def test_report_of_a_study_never_run_is_one_line_and_makes_nothing(tmp_path: Path) -> None:
+    code, out = run_sweep(write_sweep(tmp_path, method="tpe", n_trials=3), "--report")
+    assert code == 2, out
+    [line] = out.strip().splitlines()
+    assert line.startswith("config error: no study 'opt': ") and "run the sweep first" in line
+    assert not (tmp_path / "out" / "sweeps").exists()  # no empty study folder or database
+
+
 @pytest.mark.parametrize("method", ["tpe", "random", "grid", "cmaes"])
 @pytest.mark.parametrize("pruner", ["median", "hyperband", "none"])
 def test_every_sampler_and_pruner_is_accepted(tmp_path: Path, method: str, pruner: str) -> None:

@@ -84,13 +84,17 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
-def storage_url(spec: SweepSpec, paths: SweepPaths) -> str:
-    """``sweep.storage``, else ``$OPTUNA_STORAGE``, else SQLite next to the sweep's outputs."""
+def storage_url(spec: SweepSpec, paths: SweepPaths, *, create: bool = True) -> str:
+    """``sweep.storage``, else ``$OPTUNA_STORAGE``, else SQLite next to the sweep's outputs
+    (made here unless ``create`` is False: then a missing file is one line, nothing made)."""
     url = spec.storage or os.environ.get(STORAGE_ENV)
     if url:
         return url
+    path = paths.summary_dir / STUDY_FILE
+    if not create and not path.is_file():
+        raise ConfigError(f"no study {spec.name!r}: {path} does not exist (run the sweep first)")
     paths.summary_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{paths.summary_dir / STUDY_FILE}"
+    return f"sqlite:///{path}"
 
 
 def with_driver(url: str) -> str:
@@ -220,7 +224,7 @@ def open_study(spec: SweepSpec, *, create: bool = True) -> StudySetup:
     monitor, direction = monitor_direction(spec)
     space = parse_space(spec.parameters, spec.method)
     paths = sweep_paths(spec)
-    url = storage_url(spec, paths)
+    url = storage_url(spec, paths, create=create)
     storage = open_storage(url, spec)
     # Re-seeded by the trials already there: a re-run or a second worker does not draw the
     # first trials' parameters again.

@@ -36,6 +36,19 @@ def test_overrides_are_typed() -> None:
     assert cfg.trainer.max_steps == 300 and cfg.seed == 3 and cfg.optim.lr == 0.1
 
 
+@pytest.mark.parametrize("text", ["off", "yes", "1e3", "007"])
+def test_a_string_setting_keeps_its_override_text_as_typed(text: str) -> None:
+    """YAML alone would read run_name=off as False and 1e3 as 1000.0."""
+    cfg = load_template_config(DEV_CONFIG, [f"run_name={text}", f"logging.wandb_project={text}'s"])
+    assert cfg.run_name == text and cfg.logging.wandb_project == f"{text}'s"
+
+
+def test_null_still_clears_an_optional_string_setting() -> None:
+    overrides = ["checkpoint.s3_bucket=my-bucket", "checkpoint.s3_bucket=null"]
+    cfg = load_template_config(DEV_CONFIG, overrides)
+    assert cfg.checkpoint.s3_bucket is None
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

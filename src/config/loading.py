@@ -18,7 +18,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from dotenv import load_dotenv
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from src.common.errors import ConfigError
@@ -136,7 +136,8 @@ def load_config(
     if bad:
         raise ConfigError(f"override '{bad[0]}' is not key=value (e.g. trainer.max_steps=300)")
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+        typed = [as_typed_text(cfg, item) for item in overrides or []]
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(typed))
     except OmegaConfBaseException as error:
         source = f"the command-line overrides (on {path})"
         message = describe_config_error(error, source)
@@ -175,6 +176,23 @@ def rename_old_override(item: str) -> str:
     """``logging.wandb=true`` -> ``logging.use_wandb=true``."""
     key, sep, value = item.partition("=")
     return f"{RENAMED_KEYS.get(key, key)}{sep}{value}"
+
+
+def as_typed_text(cfg: DictConfig, item: str) -> str:
+    """A ``key=value`` override whose key is a string setting keeps its text as typed: YAML
+    would read ``run_name=off`` as False (then "False"), ``run_name=1e3`` as 1000.0. ``null``
+    still clears an optional one."""
+    key, _, value = item.partition("=")
+    if value in ("", "null", "~") or value[:1] in ("'", '"'):
+        return item
+    parent, _, leaf = key.rpartition(".")
+    section = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not isinstance(section, DictConfig) or leaf not in section:
+        return item  # an unknown key: the merge names it
+    # _get_node: omegaconf has no public call for a value's declared type.
+    if not isinstance(section._get_node(leaf), StringNode):
+        return item
+    return "{}='{}'".format(key, value.replace("'", "''"))
 
 
 def _is_signal_name(name: str) -> bool:

@@ -96,14 +96,11 @@ result = run_interruptible(trainer, config=cfg)  # checkpoint.s3_*, cost.*, logg
 print(f"{result.status} at step {result.global_step}; checkpoint {result.checkpoint}")
 
 # %% The adapters (PeftModel.from_pretrained, `scripts/export.py RUN --format hf`) and the test
-import json
+from src.integrations.hf_outputs import save_adapters, write_test_results
 
-from src.integrations.hf_outputs import save_adapters
-from src.runs.layout import RunLayout
-
-if not result.interrupted:
+if not result.interrupted:  # completed, or pruned by a sweep (scripts/sweep.py)
     saved = save_adapters(trainer, run_dir)  # final_adapter/, best_adapter/: whole or not at all
     test = trainer.evaluate(test_set, metric_key_prefix="test")  # every rank: a collective
+    write_test_results(trainer, run_dir, test, result)  # test_results.json, as the kit's runs
     if trainer.is_world_process_zero():
-        RunLayout(run_dir).test_results.write_text(json.dumps(test, indent=2))
         print(f"adapters in {', '.join(map(str, saved))}; test loss {test['test_loss']:.4f}")

@@ -214,3 +214,8 @@ def test_the_kit_config_maps_onto_training_arguments(tmp_path: Path) -> None:
     assert environment == {"TENSORBOARD_LOGGING_DIR": str(tmp_path / "tensorboard")}
     cfg = load_config(dev, ["logging.use_wandb=true"], schema=schema)
     assert reporter_environment(cfg, tmp_path)["WANDB_MODE"] == "offline"
+    monitor = ["trainer.monitor=val/mean_token_accuracy", "trainer.monitor_mode=max"]
+    cfg = load_config(dev, monitor, schema=schema)
+    arguments = trainer_arguments(cfg, tmp_path, cuda=False)
+    assert arguments["metric_for_best_model"] == "eval_mean_token_accuracy"
+    assert arguments["greater_is_better"]

@@ -341,6 +341,52 @@ def test_sigkilled_sweep_rerun_resumes_its_trial_under_the_same_number(tmp_path:
     assert resumed["first_step"] == interrupted["last_step"] and resumed["exit"] == 0
 
 
+def test_a_trl_experiment_is_a_trial_reported_at_each_evaluation_and_pruned(
+    tmp_path: Path,
+) -> None:
+    """Any experiment, a Hugging Face one too: run_interruptible reports eval_loss (the kit's
+    val/loss) after each evaluation; the pruner stops the bad trial at its first one, that
+    step saved, and the sweep scores trials from their test_results.json."""
+    good_lr, bad_lr = 0.01, 1e-6  # a LoRA on the tiny model learns at 1e-2, not at 1e-6
+    config = write_sweep(
+        tmp_path,
+        name="trl",
+        experiment="experiments/trl_sft_experiment.py",
+        config="configs/trl_sft_dev.yaml",
+        method="random",
+        seed=0,  # draws the good rate, then the bad one
+        n_trials=2,
+        pruner="median",
+        pruner_args={"n_startup_trials": 1, "n_warmup_steps": 0},
+        parameters={"optim.lr": [bad_lr, good_lr]},
+        overrides=[
+            "trainer.max_steps=12",
+            "checkpoint.every_n_steps=4",  # evaluated (and saved) at steps 4, 8 and 12
+            "optim.warmup_steps=0",
+            "logging.tensorboard=false",
+        ],
+    )
+    code, out = run_sweep(config)
+    assert code == 0, out
+    good, bad = load_study(tmp_path, "trl").trials
+    assert good.params["optim.lr"] == good_lr and bad.params["optim.lr"] == bad_lr, out
+    assert good.state == optuna.trial.TrialState.COMPLETE
+    assert sorted(good.intermediate_values) == [1, 2, 3]
+    good_results = json.loads((tmp_path / "out" / "trl_trial0" / "test_results.json").read_text())
+    assert good.value == good_results["best_val_loss"] == min(good.intermediate_values.values())
+    assert good_results["global_step"] == 12 and good_results["status"] == "completed"
+
+    assert bad.state == optuna.trial.TrialState.PRUNED, out
+    assert list(bad.intermediate_values) == [1] and "trial 1: pruned at report 1" in out
+    bad_run = tmp_path / "out" / "trl_trial1"
+    bad_results = json.loads((bad_run / "test_results.json").read_text())
+    assert (bad_results["global_step"], bad_results["status"]) == (4, "pruned")
+    assert (bad_run / "checkpoint-4").is_dir() and (bad_run / "final_adapter").is_dir()
+    summary = json.loads((tmp_path / "out" / "sweeps" / "trl" / "summary.json").read_text())
+    assert summary["best"]["params"]["optim.lr"] == good_lr
+    assert "python experiments/trl_sft_experiment.py --config " in summary["best"]["command"]
+
+
 def test_two_workers_asking_for_the_last_trial_at_once_run_it_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,7 +3,7 @@
 A script on ``transformers.Trainer`` or TRL that loads the kit's YAML (``load_experiment_config``)
 gets the same run directory, and so the same ``remote_train``, Slurm and export handling, as
 the kit's own experiments. Each key maps onto one argument; what has no counterpart here
-(``trainer.monitor``, early stopping, ``compile``) stays with the kit's trainer.
+(early stopping, ``compile``) stays with the kit's trainer.
 
 =============================  ==========================================================
 kit key                        Trainer argument
@@ -18,7 +18,9 @@ kit key                        Trainer argument
                                cosine to ``lr * min_lr_ratio``
 ``data.batch_size``            ``per_device_train_batch_size`` / ``_eval_batch_size``
 ``data.num_workers``           ``dataloader_num_workers``
-``checkpoint.every_n_steps``   ``save_steps`` and ``eval_steps`` (best: ``eval_loss``)
+``checkpoint.every_n_steps``   ``save_steps`` and ``eval_steps``
+``trainer.monitor(_mode)``     ``metric_for_best_model`` (``val/loss`` -> ``eval_loss``),
+                               ``greater_is_better`` (``max``)
 ``checkpoint.keep_last_n``     ``save_total_limit`` (``run_interruptible`` prunes)
 ``logging.tensorboard/wandb``  ``report_to``; ``reporter_environment``: TensorBoard in
                                ``<run_dir>/tensorboard``, W&B's project and mode
@@ -78,9 +80,26 @@ def trainer_arguments(
     if evaluate:  # at every save, so each checkpoint knows its loss and the best is kept
         arguments["eval_strategy"] = "steps"
         arguments["eval_steps"] = arguments["save_steps"]
-        arguments["metric_for_best_model"] = "eval_loss"
-        arguments["greater_is_better"] = False
+        arguments["metric_for_best_model"] = trainer_metric_key(str(trainer.monitor))
+        arguments["greater_is_better"] = str(trainer.monitor_mode) == "max"
     return arguments
+
+
+def eval_metric_key(args: Any) -> str:
+    """The Trainer's metric for the best checkpoint as its evaluation names it: ``eval_loss``
+    when unset (``metric_for_best_model="loss"`` means ``eval_loss`` to the Trainer too)."""
+    name = args.metric_for_best_model or "loss"
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def kit_metric_name(key: str) -> str:
+    """``eval_loss`` -> ``val/loss``: the kit's ``trainer.monitor`` for the same number."""
+    return f"val/{key.removeprefix('eval_')}"
+
+
+def trainer_metric_key(monitor: str) -> str:
+    """``val/loss`` -> ``eval_loss``: ``trainer.monitor`` as the Trainer's evaluation names it."""
+    return f"eval_{monitor.split('/', 1)[-1]}"
 
 
 def reporter_environment(cfg: Any, run_dir: Path) -> dict[str, str]:

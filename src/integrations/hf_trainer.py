@@ -23,6 +23,10 @@
 - **Cost and GPU.** ``cost/usd`` and ``gpu/*`` go into the Trainer's own ``log`` (its
   TensorBoard/W&B reporters and ``log_history`` show them); the budget stop; the
   low-utilisation warning.
+- **Searches.** After each evaluation the kit's evaluation hooks
+  (``src/trainers/evaluation_hooks.py``) see ``metric_for_best_model``; one that asks to stop
+  (an Optuna pruner in ``scripts/sweep.py``) ends the run there, that step saved, as
+  ``PRUNED``.
 
 Settings: keyword arguments, else the kit's config sections when ``config`` is given
 (``checkpoint.s3_*``, ``checkpoint.remote_keep_last_n``, ``checkpoint.s3_stop_grace_s``,
@@ -54,11 +58,13 @@ from src.common.signals import (
 )
 from src.config import LoggingConfig, in_notebook, load_dotenv_file
 from src.integrations import hf_checkpoints
+from src.integrations.hf_args import eval_metric_key, kit_metric_name
 from src.runs.lock import acquire_run_lock
 from src.storage.checkpoint_mirror import CheckpointMirror, FlushReport
 from src.storage.s3 import object_key
 from src.trainers.cost_meter import CostMeter, bill_origin
 from src.trainers.distributed import DistInfo, barrier, max_over_ranks
+from src.trainers.evaluation_hooks import Evaluation, run_evaluation_hooks
 from src.trainers.final_upload import finish_uploads
 from src.trainers.progress import say, start_gpu_sampler
 from src.trainers.train_state import STOP_PRECEDENCE, Outcome, TrainState
@@ -72,7 +78,7 @@ DEFAULT_STOP_GRACE_S = 20.0  # after a stop, how long the last upload may take
 class InterruptibleResult:
     """What ``run_interruptible`` returns (in a script, only when training did not stop)."""
 
-    status: Outcome  # COMPLETED, INTERRUPTED or BUDGET_REACHED
+    status: Outcome  # COMPLETED, INTERRUPTED, BUDGET_REACHED or PRUNED (a search's pruner)
     global_step: int
     output_dir: Path
     checkpoint: Path | None  # the newest complete checkpoint
@@ -148,6 +154,26 @@ class InterruptibleCallback(TrainerCallback):
         if control.should_save and saved:
             control.should_save = False  # this step's checkpoint is written and committed
         self._before_save(args, state, control)
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
+    ) -> None:
+        """The evaluation hooks (a hyperparameter search's pruner) see ``metric_for_best_model``;
+        when one asks to stop, every rank stops here, this step saved, as pruned."""
+        key = eval_metric_key(args)
+        value = (metrics or {}).get(key)
+        ask = 0
+        if self.dist.is_main and isinstance(value, int | float):
+            evaluations = sum(1 for entry in state.log_history if key in entry)
+            evaluation = Evaluation(
+                evaluations, state.global_step, kit_metric_name(key), float(value), True
+            )
+            ask = int(run_evaluation_hooks(evaluation))
+        if max_over_ranks(ask, self.dist, self.device):
+            self.outcome = Outcome.PRUNED
+            control.should_save = True
+            control.should_training_stop = True
+            self._before_save(args, state, control)
 
     def _before_save(self, args: Any, state: Any, control: Any) -> None:
         if control.should_save and self.dist.is_main:
@@ -331,6 +357,8 @@ def _train(
         _print(dist, cost.budget_reached_line(cost_state, setting="budget_usd"))
     elif status == Outcome.INTERRUPTED:
         _print(dist, f"saved checkpoint-{step}; run the same command again to resume")
+    elif status == Outcome.PRUNED:
+        _print(dist, f"pruned at step {step}: an evaluation hook asked to stop")
     newest = callback.last_saved.path if callback.last_saved is not None else resume_from
     return _result(
         status, step, output_dir, newest, train_output, stop_request.signal_name, cost, cost_state

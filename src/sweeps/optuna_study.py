@@ -441,7 +441,8 @@ def _tell(
         ]
         if pruned_at:
             _tell_quietly(study, trial.number, state=TrialState.PRUNED)
-            echo(f"[sweep] trial {trial.number}: pruned at epoch {pruned_at[0]}")
+            # The report's step: the epoch, or a Trainer run's evaluation count.
+            echo(f"[sweep] trial {trial.number}: pruned at report {pruned_at[0]}")
             return True
         run_dir = setup.paths.output_dir / trial_run_name(spec, trial)
         value = objective_value(trial_results(run_dir), setup.monitor)

@@ -5,7 +5,8 @@ A hyperparameter search (src/sweeps/optuna_trial.py) registers one before it run
 experiment file, reports each value to its study and answers "prune". The trainer imports
 no search library: it only calls the hooks registered here, on the main process, after
 every evaluation, and stops like an early stop (checkpoint, final weights, test set) when
-one of them returns True.
+one of them returns True. ``run_interruptible`` calls them from a Hugging Face Trainer's
+evaluations the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 class Evaluation:
     """One validation result as a hook sees it."""
 
-    epoch: int  # epochs completed, this one included
+    # Epochs completed, this one included: the step a search reports at. A Hugging Face
+    # Trainer run (src/integrations/hf_trainer.py) gives its evaluations so far instead.
+    epoch: int
     global_step: int
     monitor: str  # trainer.monitor, e.g. "val/loss"
     value: float  # its value at this evaluation

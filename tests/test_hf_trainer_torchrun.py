@@ -3,7 +3,8 @@
 SIGTERM reaches one rank only (a node's OOM killer, a user's ``kill``): at the next step end
 both ranks agree, the Trainer saves one checkpoint (each rank's RNG file in it, the record
 written last by rank 0 after every rank's part), and both exit 75. The same command resumes
-from that checkpoint and finishes, each step logged once.
+from that checkpoint and finishes, each step logged once, and ends with the weights of an
+uninterrupted two-rank run (started beside the first), bit for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from src.common.signals import EXIT_INTERRUPTED
 from src.integrations.hf_checkpoints import RECORD_NAME
@@ -54,6 +56,14 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_rerun_resumes(
     tmp_path: Path,
 ) -> None:
     output_dir = tmp_path / "out"
+    reference = subprocess.Popen(  # uninterrupted, beside the first run
+        torchrun(tmp_path / "reference"),
+        cwd=REPO_ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     process = subprocess.Popen(
         torchrun(output_dir, "step_sleep_s=0.3"),
         cwd=REPO_ROOT,
@@ -100,3 +110,10 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_rerun_resumes(
     result = json.loads((output_dir / "result.json").read_text())
     assert result["status"] == "completed"
     assert result["steps"] == list(range(1, MAX_STEPS + 1))  # each step once, across both runs
+
+    reference_output, _ = reference.communicate(timeout=TIMEOUT_S)
+    assert reference.returncode == 0, reference_output
+    expected = torch.load(tmp_path / "reference" / "final_weights.pt", weights_only=True)
+    resumed_weights = torch.load(output_dir / "final_weights.pt", weights_only=True)
+    for name, tensor in expected.items():  # both ranks' data, each sample once: bit for bit
+        assert torch.equal(tensor, resumed_weights[name]), name

@@ -602,6 +602,36 @@ def test_export_onnx_on_the_host_comes_home_verified(host: Host, first_loop) -> 
     assert "2 export(s) match their sidecars" in result.stdout  # both runs' model.onnx, home
 
 
+def test_a_trl_experiment_trains_remotely_and_its_adapter_export_comes_home(
+    host: Host, first_loop
+) -> None:
+    """A TRL SFTTrainer script through run_interruptible: the plan reads its own dev config,
+    it trains in tmux, the adapter is exported on the host and comes home verified."""
+    run = "trl-remote"
+    result = host.run(
+        "experiments/trl_sft_experiment.py",
+        f"run_name={run}",
+        "trainer.max_steps=4",
+        "checkpoint.every_n_steps=2",
+        "logging.tensorboard=false",
+        "--export",
+        "hf",
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_stages_done(result.stdout, ["train", "export", "retrieve", "verify"])
+    local, remote = host.local_dir / run, host.outputs / run
+    for name in (
+        "final_adapter/adapter_model.safetensors",
+        "export_hf/adapter/adapter_model.safetensors",
+        "test_results.json",
+        "checkpoint-4/checkpoint_record.json",
+    ):
+        assert (local / name).read_bytes() == (remote / name).read_bytes(), name
+    assert json.loads((local / "test_results.json").read_text())["global_step"] == 4
+    assert f"{run}: done (exit 0)" in (local / "remote_train.log").read_text()
+
+
 def test_destroy_only_after_a_verified_retrieve(host: Host, first_loop) -> None:
     saved = dict(host.fake.instances[101])
     local = host.root / "laptop" / "all-outputs"

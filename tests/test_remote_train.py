@@ -632,6 +632,34 @@ def test_a_trl_experiment_trains_remotely_and_its_adapter_export_comes_home(
     assert f"{run}: done (exit 0)" in (local / "remote_train.log").read_text()
 
 
+def test_a_sweep_runs_detached_and_its_study_and_trials_come_home(host: Host, first_loop) -> None:
+    """remote_train HOST scripts/sweep.py: one worker of the repo's example study in tmux,
+    named after the sweep; the whole outputs root (the study beside its trials) comes home."""
+    sweep = [
+        "scripts/sweep.py",
+        "--config",
+        "configs/sweep_optuna.yaml",
+        "sweep.name=remote-sweep",
+        "sweep.n_trials=2",
+        "sweep.overrides=[trainer.max_steps=6,data.num_samples=256,logging.tensorboard=false]",
+    ]
+    refused = host.run(*sweep, "--export", "onnx")
+    assert refused.returncode != 0 and "--export exports experiment runs" in refused.stderr
+    result = host.run(*sweep, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "started tmux session remote-sweep" in result.stdout
+    assert_stages_done(result.stdout, ["train", "retrieve", "verify"])
+    summary = Path("sweeps") / "remote-sweep" / "summary.json"
+    trials = [f"remote-sweep_trial{n}/final_model.pt" for n in (0, 1)]
+    for name in (summary, *trials):
+        assert (host.local_dir / name).read_bytes() == (host.outputs / name).read_bytes(), name
+    assert len(json.loads((host.local_dir / summary).read_text())["trials"]) == 2
+    log = (host.local_dir / "sweeps" / "remote-sweep" / "remote_train.log").read_text()
+    assert "remote-sweep: done (exit 0)" in log
+    manifests = [read_manifest(p) for p in (host.root / "manifests").glob("*.json")]
+    assert any(Path(m.remote_dir) == host.outputs and m.verified for m in manifests)
+
+
 def test_destroy_only_after_a_verified_retrieve(host: Host, first_loop) -> None:
     saved = dict(host.fake.instances[101])
     local = host.root / "laptop" / "all-outputs"
@@ -819,3 +847,15 @@ def test_config_path_with_a_space_is_the_experiments_own() -> None:
         assert experiments[0].args == [*form, "seed=3"]
         _, experiments = parse_args(["h", EXPERIMENT, "--also", EXPERIMENT, *form, "seed=3"])
         assert experiments[1].args == [*form, "seed=3"]
+
+
+def test_the_plan_keeps_a_run_name_as_typed_and_reads_a_sweep_file() -> None:
+    from src.remote.plan import plan_run
+
+    plan = plan_run(EXPERIMENT, ["run_name=off", "paths.output_dir=/tmp/x"], REPO_ROOT)
+    assert (plan["run_name"], plan["run_dir"]) == ("off", "/tmp/x/off")  # not YAML's False
+    assert plan["retrieve"] == plan["run_dir"]
+    args = ["--config", "configs/sweep_optuna.yaml", "sweep.output_dir=/tmp/x"]
+    plan = plan_run("scripts/sweep.py", args, REPO_ROOT)
+    assert plan["run_name"] == "optuna-example"
+    assert plan["run_dir"] == "/tmp/x/sweeps/optuna-example" and plan["retrieve"] == "/tmp/x"

@@ -276,8 +276,15 @@ class RemoteTrain:
                     plan["output_root"],
                     experiment.path,
                     experiment.args,
+                    retrieve=plan.get("retrieve", ""),
                 )
             )
+            if self.args.export and plan.get("retrieve") == plan["output_root"]:
+                raise StageError(
+                    "train",
+                    f"--export exports experiment runs, not the sweep '{plan['run_name']}': "
+                    "export its best trial afterwards (python scripts/export.py RUN_DIR ...)",
+                )
             if plan.get("needs_keys") and not self.args.with_env:
                 self.say(
                     f"note: run '{plan['run_name']}' needs {', '.join(plan['needs_keys'])}; "
@@ -395,8 +402,9 @@ class RemoteTrain:
                 stage.note += f"; not exported (did not finish): {', '.join(skipped)}"
 
     def retrieve_targets(self, states: list[dict[str, Any]]) -> list[tuple[str, Path]]:
-        """(remote dir, local dir) pairs: each started run's dir, or with --destroy-after the
-        outputs roots, since the destroy gate wants everything under them verified home."""
+        """(remote dir, local dir) pairs: each started run's dir (a sweep's: its outputs root),
+        or with --destroy-after the outputs roots, since the destroy gate wants everything
+        under them verified home."""
         started = [s for s in states if s.get("started_at") or s["state"] == "finished"]
         started = [s for s in started if s["state"] != "skipped"]
         if self.args.destroy_after:
@@ -404,7 +412,13 @@ class RemoteTrain:
             if len(roots) == 1:
                 return [(roots[0], self.local_dir)]
             return [(root, self.local_dir / Path(root).name) for root in roots]
-        return [(s["run_dir"], self.local_dir / s["run_name"]) for s in started]
+        targets: dict[str, Path] = {}
+        for state in started:
+            remote = state.get("retrieve") or state["run_dir"]
+            whole_root = remote == state["output_root"]  # a sweep: its trials sit beside it
+            targets[remote] = self.local_dir if whole_root else self.local_dir / state["run_name"]
+        inside = {r for r in targets for other in targets if r.startswith(other.rstrip("/") + "/")}
+        return [(remote, local) for remote, local in targets.items() if remote not in inside]
 
     def retrieve_and_verify(self, targets: list[tuple[str, Path]]) -> None:
         assert self.host is not None

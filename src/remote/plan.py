@@ -6,6 +6,11 @@ reads: ``--config PATH`` or the dev/prod file ``DEV_MODE`` picks (an experiment 
 files names them in its ``load_experiment_config(dev_config=..., prod_config=...)`` call,
 read here from its source), then the ``key=value`` overrides, then the /workspace fallback.
 Only ``run_name`` and ``paths.output_dir`` are read; the experiment itself checks the rest.
+
+``scripts/sweep.py --config SWEEP_FILE``: the file's ``sweep:`` section names the session
+(``sweep.name``) and the outputs root (``sweep.output_dir``); the log goes to
+``<root>/sweeps/<name>/`` and the whole root comes home, since the trials' run directories
+``<name>_...`` sit in it beside the study.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import ast
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from src.common.paths import DEFAULT_PERSISTENT_DIR, LOCAL_FALLBACK_DIR, resolve_persistent_dir
 from src.config import (
@@ -95,17 +100,48 @@ def merged_config(experiment: str, args: list[str], repo_root: Path, where: str 
 
 
 def plan_run(experiment: str, args: list[str], repo_root: Path) -> dict[str, Any]:
-    """{run_name, run_dir, output_root, needs_keys}; ConfigError with one line on bad input."""
+    """{run_name, run_dir, output_root, retrieve, needs_keys}; ConfigError with one line on
+    bad input. ``retrieve``: the host directory that comes home (the run's, or a sweep's
+    whole outputs root)."""
     cfg = merged_config(experiment, args, repo_root)
-    run_name = str(OmegaConf.select(cfg, "run_name", default=None) or ExperimentConfig.run_name)
-    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None) or DEFAULT_PERSISTENT_DIR
-    try:
-        root = resolve_persistent_dir(output_dir, LOCAL_FALLBACK_DIR, announce=False)
-    except PermissionError as error:
-        raise ConfigError(str(error)) from None
+    sweep = OmegaConf.select(cfg, "sweep", default=None)
+    if isinstance(sweep, DictConfig):  # scripts/sweep.py --config SWEEP_FILE
+        name = str(sweep.get("name") or "sweep")
+        root = _outputs_root(sweep.get("output_dir"), "sweep.output_dir")
+        run_dir = root / "sweeps" / name
+        return {
+            "run_name": name,
+            "run_dir": str(run_dir),
+            "output_root": str(root),
+            "retrieve": str(root),
+            "needs_keys": [],
+        }
+    run_name = _typed_run_name(args) or str(
+        OmegaConf.select(cfg, "run_name", default=None) or ExperimentConfig.run_name
+    )
+    root = _outputs_root(OmegaConf.select(cfg, "paths.output_dir", default=None))
     return {
         "run_name": run_name,
         "run_dir": str(root / run_name),
         "output_root": str(root),
+        "retrieve": str(root / run_name),
         "needs_keys": needed_keys(cfg),
     }
+
+
+def _outputs_root(output_dir: str | None, setting: str = "paths.output_dir") -> Path:
+    try:
+        requested = output_dir or DEFAULT_PERSISTENT_DIR
+        return resolve_persistent_dir(
+            requested, LOCAL_FALLBACK_DIR, setting=setting, announce=False
+        )
+    except PermissionError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _typed_run_name(args: list[str]) -> str | None:
+    """The last ``run_name=`` override as typed (YAML would read ``run_name=off`` as False),
+    as the experiment's own loader keeps it."""
+    _, overrides = parse_cli(args)
+    given = [item.partition("=")[2] for item in overrides if item.startswith("run_name=")]
+    return given[-1] if given and given[-1] not in ("", "null", "~") else None

@@ -46,6 +46,7 @@ class RunSpec:
     experiment: str  # relative to the repo root
     args: list[str] = field(default_factory=list)
     log_offset: int = 0  # the log's size when the session was created: this session's output
+    retrieve: str = ""  # the host directory that comes home: "" is run_dir (a sweep: its root)
 
     @property
     def log_path(self) -> Path:
@@ -159,6 +160,7 @@ class Registry:
             "run_name": run.run_name,
             "run_dir": run.run_dir,
             "output_root": run.output_root,
+            "retrieve": run.retrieve or run.run_dir,
             "experiment": run.experiment,
             "args": run.args,
             "created_at": spec.created_at,

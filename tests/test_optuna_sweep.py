@@ -65,6 +65,19 @@ def write_sweep(tmp_path: Path, **sweep: object) -> Path:
     return path
 
 
+def fake_trial_sweep(tmp_path: Path, n_trials: int, **sweep: object) -> Path:
+    """A random search over the stand-in trial (tests/support/sweep_fake_trial.py)."""
+    return write_sweep(
+        tmp_path,
+        experiment="tests/support/sweep_fake_trial.py",
+        method="random",
+        n_trials=n_trials,
+        pruner="none",
+        parameters={"x": [0.5, 2.0]},
+        **sweep,
+    )
+
+
 def start_sweep(config: Path, *overrides: str, env: dict[str, str] | None = None):
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), "--config", str(config), *overrides],
@@ -314,15 +327,7 @@ def test_bad_study_settings_name_the_key(tmp_path: Path, sweep: dict, message: s
 
 def test_sigkilled_sweep_rerun_resumes_its_trial_under_the_same_number(tmp_path: Path) -> None:
     """The stand-in trial (tests/support/sweep_fake_trial.py) reports nothing and starts fast."""
-    config = write_sweep(
-        tmp_path,
-        experiment="tests/support/sweep_fake_trial.py",
-        method="random",
-        n_trials=2,
-        pruner="none",
-        parameters={"x": [0.5, 2.0]},
-        overrides=["steps=40", "step_seconds=0.03"],
-    )
+    config = fake_trial_sweep(tmp_path, 2, overrides=["steps=40", "step_seconds=0.03"])
     sweep = start_sweep(config)
     first_run = tmp_path / "out" / "opt_trial0"
     wait_until(lambda: (first_run / "progress.json").exists(), "trial 0 starts", sweep)
@@ -392,14 +397,7 @@ def test_two_workers_asking_for_the_last_trial_at_once_run_it_once(
 ) -> None:
     """Both saw one trial left and asked: the database numbers them in order, so the later
     one is surplus, never run and not counted; the study ends with exactly n_trials."""
-    config = write_sweep(
-        tmp_path,
-        experiment="tests/support/sweep_fake_trial.py",
-        method="random",
-        n_trials=1,
-        pruner="none",
-        parameters={"x": [0.5, 2.0]},
-    )
+    config = fake_trial_sweep(tmp_path, 1)
     original_ask = optuna.Study.ask
 
     def another_worker_asks_first(study: optuna.Study, *args: object, **kwargs: object):

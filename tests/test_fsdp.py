@@ -26,6 +26,7 @@ import pytest
 import torch
 from torch import nn
 
+from src.checkpoints.sharded_format import share
 from src.common.errors import ConfigError
 from src.data.resumable_sampler import ResumableSampler
 from src.trainers.fsdp import block_class
@@ -168,6 +169,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = run(2, fsdp_args(output_dir, "reference"))
     assert result.returncode == 0, result.stdout + result.stderr
     return output_dir / "reference"
+
+
+def test_on_a_resume_the_ranks_hash_each_file_once_between_them() -> None:
+    files = tuple(f"step/__{n}_0.distcp" for n in range(7))
+    for world in (1, 2, 3, 8):
+        shares = [share(files, rank, world) for rank in range(world)]
+        assert sorted(name for part in shares for name in part) == sorted(files), world
 
 
 def test_sigterm_at_a_random_step_then_rerun_is_bit_identical(

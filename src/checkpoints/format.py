@@ -9,7 +9,8 @@ A format whose every rank writes (``every_rank_writes = True``, the sharded one 
 ``sharded_format.py``) also has ``begin_write(directory, step, state, *, is_best, metadata,
 blocking)``: the manager calls it on every rank; it stages (or, blocking, writes) that rank's
 part and returns the call that finishes the write, which returns the record on rank 0 (None
-elsewhere). Rank 0 alone commits, mirrors and prunes.
+elsewhere). Rank 0 alone commits, mirrors and prunes. Its ``verify_for_load(record)``, called
+on every rank before a load, lets the ranks share the hashing and agree on the verdict.
 """
 
 from __future__ import annotations

@@ -19,12 +19,15 @@ folder. The manager commits the sidecar. A kill at any moment leaves a folder wi
 sidecar: never listed, removed by ``clean``, and the previous checkpoint is used.
 
 The files must be on a file system every rank sees (one machine, or a shared volume under
-Slurm): rank 0 hashes every rank's shards, and every rank reads them all on a resume.
+Slurm): rank 0 hashes every rank's shards when it saves; on a resume the ranks share the
+hashing (``verify_for_load``: each reads every world-th file) and agree on the verdict, so
+N ranks read a checkpoint once between them, not N times, before DCP loads it.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import io
 import shutil
 from collections.abc import Callable, Mapping
@@ -166,9 +169,20 @@ class ShardedFormat:
         write_sidecar(record)
 
     def verify(self, record: CheckpointRecord) -> str | None:
-        if not any(part.name.endswith(f"/{DCP_METADATA}") for part in record.files):
-            return f"no {DCP_METADATA}: an incomplete sharded checkpoint"
-        return verify_files(record)
+        return _missing_metadata(record) or verify_files(record)
+
+    def verify_for_load(self, record: CheckpointRecord) -> str | None:
+        """Every rank, before ``load``: each hashes its share of the files and all take the
+        first problem any rank found (the same verdict everywhere, so all skip together)."""
+        if self.group is None:
+            return self.verify(record)
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        problem = _missing_metadata(record) or verify_files(
+            dataclasses.replace(record, files=share(record.files, rank, world))
+        )
+        found: list[str | None] = [None] * world
+        dist.all_gather_object(found, problem, group=self.group)
+        return next((reason for reason in found if reason), None)
 
     def list_checkpoints(self, directory: Path) -> list[CheckpointRecord]:
         return [record for record in read_checkpoint_infos(directory) if record.path.suffix == ""]
@@ -195,6 +209,17 @@ class ShardedFormat:
         for folder in directory.glob(f"{CHECKPOINT_PREFIX}*"):
             if folder.is_dir() and not folder.with_suffix(SIDECAR_SUFFIX).exists():
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _missing_metadata(record: CheckpointRecord) -> str | None:
+    if not any(part.name.endswith(f"/{DCP_METADATA}") for part in record.files):
+        return f"no {DCP_METADATA}: an incomplete sharded checkpoint"
+    return None
+
+
+def share(files: tuple[Any, ...], rank: int, world: int) -> tuple[Any, ...]:
+    """Rank ``rank``'s part of ``files`` when ``world`` ranks split them: every world-th one."""
+    return files[rank::world]
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

@@ -142,30 +142,79 @@ def test_signal_inside_fit_stops_at_a_step_boundary(
         signal.signal(sig, signal.SIG_DFL)
 
 
-def test_a_signal_during_evaluation_stops_on_the_epoch_checkpoint_and_says_so(
+def test_a_signal_in_the_last_validation_batch_stops_on_the_epoch_checkpoint_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """A notice that lands while the epoch's evaluation runs (after the last step's check):
-    the epoch-end checkpoint is the stop's, and the same "re-run to resume" line is printed
-    (the Slurm time-limit test once caught it missing)."""
+    """A notice that lands in the epoch's last validation batch (after every check of the
+    validation and of the steps): the epoch-end checkpoint is the stop's, and the same
+    "re-run to resume" line is printed (the Slurm time-limit test once caught it missing)."""
     monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     trainer, _ = make_trainer(tmp_path, "run_name=evalsig")
-    original_evaluate = trainer.evaluate
+    last_batch = len(trainer._eval_loader(trainer.val_set))
+    evaluated = []
+    plain_eval = trainer.eval_fn
 
-    def evaluate_then_signal(dataset: object) -> dict[str, float]:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        return original_evaluate(dataset)
+    def eval_then_signal(model: torch.nn.Module, batch: object) -> object:
+        evaluated.append(len(evaluated))
+        if len(evaluated) == last_batch:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return plain_eval(model, batch)
 
-    trainer.evaluate = evaluate_then_signal  # type: ignore[method-assign]
+    trainer.eval_fn = eval_then_signal
     result = trainer.fit()
     steps_per_epoch = trainer.state.global_step
-    assert result.interrupted and trainer.state.epoch == 1
+    assert result.interrupted and trainer.state.epoch == 1 and not trainer.state.eval_pending
     assert trainer.checkpoints.latest_path().name == f"step_{steps_per_epoch:09d}.pt"
     out = capsys.readouterr().out
     assert f"saved checkpoint at step {steps_per_epoch}; re-run to resume" in out
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
+
+
+def test_a_stop_during_validation_saves_the_epoch_at_once_and_the_resume_validates_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The signal lands at the second of the epoch's validation batches: the rest of the
+    validation is not waited for, the trained epoch is saved, and the re-run validates it
+    first, then ends exactly where an uninterrupted run ends."""
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    reference, _ = make_trainer(tmp_path, "run_name=reference")
+    reference.fit()
+    trainer, _ = make_trainer(tmp_path, "run_name=cut")
+    evaluated = []
+    plain_eval = trainer.eval_fn
+
+    def eval_then_signal(model: torch.nn.Module, batch: object) -> object:
+        evaluated.append(len(evaluated))
+        if len(evaluated) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return plain_eval(model, batch)
+
+    trainer.eval_fn = eval_then_signal
+    result = trainer.fit()
+    steps_per_epoch = result.global_step
+    assert result.interrupted and trainer.state.epoch == 0 and trainer.state.eval_pending
+    assert len(evaluated) == 2 < len(trainer._eval_loader(trainer.val_set))  # not waited for
+    assert trainer.checkpoints.latest_path().name == f"step_{steps_per_epoch:09d}.pt"
+    out = capsys.readouterr().out
+    assert "validation of epoch 1 cut short by the stop" in out
+    assert f"saved checkpoint at step {steps_per_epoch}; re-run to resume" in out
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+    resumed, _ = make_trainer(tmp_path, "run_name=cut")
+    assert resumed.fit().status == "completed"
+    assert "epoch 1 is trained; validating it first" in capsys.readouterr().out
+
+    def records(trainer: InterruptibleTrainer) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in trainer.state.history]
+
+    assert records(resumed) == records(reference)  # every epoch validated once, the same
+    expected = reference.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_sampler_resumes_mid_epoch_and_shards_by_rank() -> None:

@@ -17,7 +17,9 @@ Interruptions: SIGTERM, SIGINT and ``trainer.extra_stop_signal`` only set a flag
 step boundary the trainer saves a checkpoint, waits until it is on disk, and ``fit`` returns
 with ``interrupted=True``; scripts then exit with ``EXIT_INTERRUPTED`` (75). Running the same
 command again resumes, exactly (model, optimizer, scheduler, scaler, RNGs, the position in
-the epoch), on this machine or, through ``checkpoint.s3_bucket``, on a fresh one. A spent
+the epoch), on this machine or, through ``checkpoint.s3_bucket``, on a fresh one. A signal
+during an epoch-end validation does not wait for it: the trained epoch is saved at once and
+the resume validates first. A spent
 ``cost.budget_usd`` stops the run the same way, with ``EXIT_BUDGET_REACHED`` (76). A signal
 after the last step lets the file being written finish, then exits 75 (0 once
 test_results.json is written), never by the signal.
@@ -94,6 +96,7 @@ from src.trainers.progress import Progress, extending_line, finished_line, say
 from src.trainers.snapshot import TrainingParts, restore_snapshot, should_load_scaler, take_snapshot
 from src.trainers.steps import (
     EvalFn,
+    EvaluationStopped,
     LossFn,
     OptimizerFn,
     StepFn,
@@ -125,6 +128,9 @@ __all__ = [
     "lr_factor",
     "should_load_scaler",
 ]
+
+# Sharded validation: batches between the ranks' agreements on whether a stop cut it short.
+SHARDED_STOP_CHECK_EVERY = 8
 
 
 class InterruptibleTrainer:
@@ -348,11 +354,23 @@ class InterruptibleTrainer:
 
     def _work_left(self) -> bool:
         state = self.state
-        return (
-            not state.status.finished_early
-            and state.epoch < self.cfg.trainer.max_epochs
-            and state.global_step < self.total_steps
+        return not state.status.finished_early and (
+            state.eval_pending
+            or (state.epoch < self.cfg.trainer.max_epochs and state.global_step < self.total_steps)
         )
+
+    def _stop_during_validation(self) -> Outcome:
+        """A stop signal during an epoch-end validation: save the trained epoch now (its
+        validation runs again first at the resume) rather than make the machine wait."""
+        stop = self._stop_requested()
+        self.state.eval_pending = True
+        self._print(
+            f"validation of epoch {self.state.epoch + 1} cut short by the stop: it runs again "
+            "first at the resume"
+        )
+        self._save_checkpoint(blocking=True)
+        self._announce_stop(stop)
+        return stop
 
     def _run_epochs(self, progress: Progress) -> Outcome:
         state = self.state
@@ -362,14 +380,20 @@ class InterruptibleTrainer:
             self._print(self.cost.budget_reached_line(state))
             return Outcome.BUDGET_REACHED
         while self._work_left():
-            with self._explain_out_of_memory("a training step"):
-                outcome = self._train_epoch(progress)
+            if state.eval_pending:  # a stop cut this epoch's validation short: only that is left
+                outcome = Outcome.RUNNING
+            else:
+                with self._explain_out_of_memory("a training step"):
+                    outcome = self._train_epoch(progress)
             if outcome.stopped:
                 return outcome
             # At max_steps mid-epoch: evaluate, but keep the position (a longer re-run goes on).
             epoch_done = outcome == Outcome.RUNNING
             with self._explain_out_of_memory("evaluation"):
-                improved, early_stop = self._evaluate_and_record(progress, epoch_done)
+                evaluated = self._evaluate_and_record(progress, epoch_done)
+            if evaluated is None:
+                return self._stop_during_validation()
+            improved, early_stop = evaluated
             pruned = not early_stop and self._hooks_ask_to_stop(epoch_done)
             if early_stop:
                 state.status = Outcome.EARLY_STOPPED
@@ -476,16 +500,22 @@ class InterruptibleTrainer:
 
     # ----- evaluation -------------------------------------------------------------------
 
-    def _evaluate_and_record(self, progress: Progress, epoch_done: bool) -> tuple[bool, bool]:
-        """Validate, update best/early-stopping state and the history; (improved, stop now).
+    def _evaluate_and_record(
+        self, progress: Progress, epoch_done: bool
+    ) -> tuple[bool, bool] | None:
+        """Validate, update best/early-stopping state and the history; (improved, stop now),
+        or None when a stop signal cut an epoch-end validation short (nothing recorded).
 
         ``epoch_done`` False (stopped by max_steps mid-epoch): the epoch counter and the
-        position stay, and the evaluation does not count towards early-stopping patience.
+        position stay, and the evaluation does not count towards early-stopping patience
+        (nor is it cut short: it is the run's last).
         """
         state = self.state
         self.cost.tick(state)
         progress.training(False)
-        val = self.evaluate(self.val_set)
+        val = self._validate_unless_stopped() if epoch_done else self.evaluate(self.val_set)
+        if val is None:
+            return None
         value = self.early_stopping.value_in(val)
         train_loss = self.epoch_loss.mean_over_ranks(self.dist)
         improved, early_stop = self.early_stopping.record(state, value, epoch_done)
@@ -502,8 +532,38 @@ class InterruptibleTrainer:
             state.epoch += 1
             state.batch_in_epoch = 0
             state.samples_in_epoch = 0
+            state.eval_pending = False
             self.epoch_loss.reset()
         return improved, early_stop
+
+    def _validate_unless_stopped(self) -> dict[str, float] | None:
+        """The validation set's metrics, or None when a stop signal on any rank cut it
+        short: the machine may be going away, and the resume validates again. The RNG states
+        are put back as they were before, so that run draws what this one would have."""
+        rng_state = capture_rng_state()
+        batches_seen = 0
+
+        def asked() -> bool:
+            nonlocal batches_seen
+            batches_seen += 1
+            if not self.sharded:
+                return self.stop_request.requested
+            # Sharded forward passes meet in collectives: the ranks agree, every few batches.
+            if batches_seen % SHARDED_STOP_CHECK_EVERY:
+                return False
+            return bool(max_over_ranks(int(self.stop_request.requested), self.dist, self.device))
+
+        try:
+            batches = self._eval_loader(self.val_set)
+            val: dict[str, float] | None = average_metrics(
+                self.model, batches, self.eval_fn, self.device, self._autocast, asked
+            )
+        except EvaluationStopped:
+            val = None
+        if max_over_ranks(int(val is None), self.dist, self.device):
+            restore_rng_state(rng_state)
+            return None
+        return val
 
     def _hooks_ask_to_stop(self, epoch_done: bool) -> bool:
         """The after-evaluation hooks (evaluation_hooks.py) see the monitored value on the
@@ -649,6 +709,8 @@ class InterruptibleTrainer:
             f"resuming from {source} at step {state.global_step} "
             f"(epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
+        if state.eval_pending:
+            self._print(f"epoch {state.epoch + 1} is trained; validating it first")
         if state.status == Outcome.COMPLETED and self._work_left():
             state.status = Outcome.RUNNING
             self._print(extending_line(state, self.total_steps, self.cfg.trainer))

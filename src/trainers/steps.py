@@ -90,6 +90,10 @@ def default_optimizer(model: nn.Module, optim_cfg: DictConfig) -> torch.optim.Op
     return torch.optim.AdamW(trainable, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
 
 
+class EvaluationStopped(Exception):
+    """``average_metrics`` gave up before the last batch: its ``should_stop`` said so."""
+
+
 @torch.no_grad()
 def average_metrics(
     model: nn.Module,
@@ -97,21 +101,27 @@ def average_metrics(
     eval_fn: EvalFn | StepFn,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Every metric ``eval_fn`` returns, averaged per sample over ``batches``; the sums stay
-    on the device until the end (one host sync per metric, not per batch)."""
+    on the device until the end (one host sync per metric, not per batch). ``should_stop``
+    is asked before each batch: True raises EvaluationStopped (the model back in train mode)."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
     non_blocking = device.type == "cuda"
-    for batch in batches:
-        batch = move_to_device(batch, device, non_blocking)
-        with autocast():
-            metrics = as_metrics(eval_fn(model, batch))
-        samples = batch_size_of(batch)
-        for name, metric in metrics.items():
-            total = sums.setdefault(name, torch.zeros((), dtype=torch.float64, device=device))
-            total += torch.as_tensor(metric).detach().double().to(device) * samples
-        count += samples
-    model.train()
+    try:
+        for batch in batches:
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped
+            batch = move_to_device(batch, device, non_blocking)
+            with autocast():
+                metrics = as_metrics(eval_fn(model, batch))
+            samples = batch_size_of(batch)
+            for name, metric in metrics.items():
+                total = sums.setdefault(name, torch.zeros((), dtype=torch.float64, device=device))
+                total += torch.as_tensor(metric).detach().double().to(device) * samples
+            count += samples
+    finally:
+        model.train()
     return {name: (total / max(1, count)).item() for name, total in sums.items()}

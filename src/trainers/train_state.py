@@ -63,6 +63,8 @@ class TrainState:
     best_step: int = -1
     epochs_without_improvement: int = 0
     status: Outcome = Outcome.RUNNING  # RUNNING, COMPLETED, EARLY_STOPPED or PRUNED
+    # The epoch is trained but a stop cut its validation short: the resume validates first.
+    eval_pending: bool = False
     train_seconds: float = 0.0  # inside fit(): what the ETA is based on
     billed_seconds: float = 0.0  # every second of the run's processes: what the machine bills
     cost_usd: float = 0.0  # billed seconds at the rate of the machine they ran on

@@ -226,6 +226,23 @@ def test_sigterm_at_a_random_step_then_rerun_is_bit_identical(
     ]
 
 
+def test_a_sigterm_to_one_rank_during_validation_stops_both_there(tmp_path: Path) -> None:
+    """Rank 1 alone is signalled at its 3rd validation batch; the sharded forward passes
+    meet in collectives, so the ranks agree (every 8 batches) and both cut the validation
+    short at the same batch, save the trained epoch and exit 75; the re-run validates it."""
+    args = fsdp_args(tmp_path, "evalstop", "data.batch_size=8", "trainer.max_epochs=1")
+    first = run(2, args, FSDP_RANK1_SIGTERM_AT_EVAL_BATCH="3")
+    out = first.stdout
+    assert out.count("validation of epoch 1 cut short by the stop") == 1, out + first.stderr
+    stopped = re.findall(r"stopped by \S+ at step (\d+); re-run to resume", out)
+    assert len(stopped) == 2 and len(set(stopped)) == 1, out  # both ranks, one step
+    assert newest_checkpoint_step(tmp_path / "evalstop") == int(stopped[0])
+    resumed = run(2, args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "epoch 1 is trained; validating it first" in resumed.stdout
+    assert "test_loss" in resumed.stdout
+
+
 def test_stopped_at_two_ranks_resumed_at_one_reads_each_sample_once(tmp_path: Path) -> None:
     seen = tmp_path / "seen"
     seen.mkdir()

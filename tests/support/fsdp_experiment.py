@@ -4,9 +4,12 @@ really read, and (optionally) a slower step so a signal lands mid-run.
 ``FSDP_SEEN_DIR``: each process appends the index of every training sample it reads to
 ``seen_<rank>_<pid>.txt`` there (``data.num_workers=0``: read in this process, only when the
 loop takes the batch). ``FSDP_STEP_SECONDS``: a sleep in every training step.
+``FSDP_RANK1_SIGTERM_AT_EVAL_BATCH``: rank 1 alone sends itself SIGTERM at that batch (1 is
+the first) of its first validation.
 """
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +31,8 @@ from src.trainers.interruptible_trainer import InterruptibleTrainer
 
 SEEN_DIR = os.environ.get("FSDP_SEEN_DIR", "")
 STEP_SECONDS = float(os.environ.get("FSDP_STEP_SECONDS", "0"))
+SIGTERM_AT_EVAL_BATCH = int(os.environ.get("FSDP_RANK1_SIGTERM_AT_EVAL_BATCH", "0"))
+eval_batches = 0
 
 
 class Recorded(Dataset):
@@ -46,8 +51,13 @@ class Recorded(Dataset):
 
 
 def step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    global eval_batches
     if STEP_SECONDS and model.training:
         time.sleep(STEP_SECONDS)
+    if not model.training and SIGTERM_AT_EVAL_BATCH and os.environ.get("RANK") == "1":
+        eval_batches += 1
+        if eval_batches == SIGTERM_AT_EVAL_BATCH:
+            os.kill(os.getpid(), signal.SIGTERM)
     features, targets = batch
     return F.cross_entropy(model(features), targets)
 

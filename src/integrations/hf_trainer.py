@@ -36,6 +36,7 @@ fail before training: one line, exit 2 (a ConfigError in a notebook).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import sys
@@ -49,6 +50,7 @@ from transformers import TrainerCallback, TrainerState
 
 from src.checkpoints.record import CheckpointRecord
 from src.common.errors import EXIT_CONFIG_ERROR, ConfigError
+from src.common.process_groups import leave_process_group
 from src.common.signals import (
     EXIT_BUDGET_REACHED,
     EXIT_INTERRUPTED,
@@ -237,6 +239,8 @@ def run_interruptible(
     script = not in_notebook()
     exit_on_stop = script if exit_on_stop is None else exit_on_stop
     dist = _dist_info(trainer.args)
+    if dist.launched:
+        _leave_process_group_at_exit()
     try:
         settings = _settings(
             config,
@@ -434,6 +438,14 @@ def _dist_info(args: Any) -> DistInfo:
         world_size=args.world_size,
         launched=launched,
     )
+
+
+@functools.cache
+def _leave_process_group_at_exit() -> None:
+    """Under torchrun, once: at exit every rank leaves accelerate's process group together. A
+    gloo rank whose script ends first (rank 0 still writing its results) otherwise tears the
+    group down under its peer and aborts (exit -6) after a run that succeeded."""
+    atexit.register(leave_process_group)
 
 
 def _open_mirror(

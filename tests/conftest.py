@@ -17,20 +17,20 @@ import torch
 SLOWEST_FIRST = [
     "test_resume.py",  # 212 s
     "test_outputs_and_logging.py",  # 138
+    "test_remote_train.py",  # ~130
     "test_hf_trainer.py",  # 124
+    "test_optuna_sweep.py",  # ~115
     "test_s3_checkpoints.py",  # 112
     "test_distributed.py",  # 107
     "test_budget.py",  # 100
     "test_slurm.py",  # 96
-    "test_remote_train.py",  # 95
-    "test_optuna_sweep.py",  # ~90
+    "test_fsdp.py",  # ~85
     "test_custom_model.py",  # 75
     "test_llm_resume.py",  # 68
     "test_rent.py",  # ~65
     "test_lora.py",  # 62
-    "test_fsdp.py",  # ~60
     "test_notebook_cells.py",  # 54
-    "test_hf_trainer_torchrun.py",  # 37
+    "test_hf_trainer_torchrun.py",  # ~47
 ]
 
 

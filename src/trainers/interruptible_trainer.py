@@ -413,7 +413,7 @@ class InterruptibleTrainer:
                 self._print(f"pruned at epoch {state.epoch}: an evaluation hook asked to stop")
                 return Outcome.PRUNED
             stop = self._stop_requested() if self._work_left() else Outcome.RUNNING
-            if stop.stopped:  # the signal came during evaluation: the epoch checkpoint holds
+            if stop.stopped:  # after the validation's last check: the epoch checkpoint holds
                 self.checkpoints.wait()
                 self._announce_stop(stop)
                 return stop
@@ -554,10 +554,7 @@ class InterruptibleTrainer:
             return bool(max_over_ranks(int(self.stop_request.requested), self.dist, self.device))
 
         try:
-            batches = self._eval_loader(self.val_set)
-            val: dict[str, float] | None = average_metrics(
-                self.model, batches, self.eval_fn, self.device, self._autocast, asked
-            )
+            val: dict[str, float] | None = self.evaluate(self.val_set, should_stop=asked)
         except EvaluationStopped:
             val = None
         if max_over_ranks(int(val is None), self.dist, self.device):
@@ -578,11 +575,16 @@ class InterruptibleTrainer:
                 ask = int(run_evaluation_hooks(evaluation))
         return bool(max_over_ranks(ask, self.dist, self.device))
 
-    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+    def evaluate(
+        self, dataset: Dataset, should_stop: Callable[[], bool] | None = None
+    ) -> dict[str, float]:
         """Every metric ``eval_fn`` returns, averaged per sample over ``dataset`` (every rank
-        evaluates the full set)."""
+        evaluates the full set). ``should_stop``, asked before each batch, may end it early
+        (EvaluationStopped)."""
         batches = self._eval_loader(dataset)
-        return average_metrics(self.model, batches, self.eval_fn, self.device, self._autocast)
+        return average_metrics(
+            self.model, batches, self.eval_fn, self.device, self._autocast, should_stop
+        )
 
     def test(self, test_set: Dataset, use_best: bool = True) -> dict[str, Any]:
         """Evaluate on the test set (with the best weights) and write test_results.json."""

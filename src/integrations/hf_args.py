@@ -92,6 +92,11 @@ def eval_metric_key(args: Any) -> str:
     return name if name.startswith("eval_") else f"eval_{name}"
 
 
+def evaluations_logged(log_history: list[dict[str, Any]], key: str) -> int:
+    """How many evaluations the Trainer's ``log_history`` holds (entries with ``key``)."""
+    return sum(1 for entry in log_history if key in entry)
+
+
 def kit_metric_name(key: str) -> str:
     """``eval_loss`` -> ``val/loss``: the kit's ``trainer.monitor`` for the same number."""
     return f"val/{key.removeprefix('eval_')}"

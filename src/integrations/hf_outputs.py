@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from src.common.atomic_io import atomic_write_dir
-from src.integrations.hf_args import eval_metric_key, kit_metric_name
+from src.integrations.hf_args import eval_metric_key, evaluations_logged, kit_metric_name
 from src.integrations.hf_trainer import InterruptibleResult
 from src.runs.files import write_json
 from src.runs.layout import RunLayout
@@ -63,7 +63,7 @@ def write_test_results(
         f"best_{monitor.replace('/', '_')}": best,
         "global_step": state.global_step,
         "epochs": int(state.epoch or 0),
-        "evaluations": sum(1 for entry in state.log_history if key in entry),
+        "evaluations": evaluations_logged(state.log_history, key),
         "status": result.status.value,
         "cost_usd": result.cost_usd,
     }

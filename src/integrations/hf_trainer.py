@@ -60,7 +60,7 @@ from src.common.signals import (
 )
 from src.config import LoggingConfig, in_notebook, load_dotenv_file
 from src.integrations import hf_checkpoints
-from src.integrations.hf_args import eval_metric_key, kit_metric_name
+from src.integrations.hf_args import eval_metric_key, evaluations_logged, kit_metric_name
 from src.runs.lock import acquire_run_lock
 from src.storage.checkpoint_mirror import CheckpointMirror, FlushReport
 from src.storage.s3 import object_key
@@ -166,7 +166,7 @@ class InterruptibleCallback(TrainerCallback):
         value = (metrics or {}).get(key)
         ask = 0
         if self.dist.is_main and isinstance(value, int | float):
-            evaluations = sum(1 for entry in state.log_history if key in entry)
+            evaluations = evaluations_logged(state.log_history, key)
             evaluation = Evaluation(
                 evaluations, state.global_step, kit_metric_name(key), float(value), True
             )

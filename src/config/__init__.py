@@ -10,6 +10,7 @@ from src.common.errors import EXIT_CONFIG_ERROR, ConfigError
 from src.config.loading import (
     CONFIG_DIR,
     DEV_CONFIG,
+    NULL_TEXTS,
     PROD_CONFIG,
     RENAMED_KEYS,
     default_config_path,
@@ -57,6 +58,7 @@ __all__ = [
     "CONFIG_DIR",
     "DEV_CONFIG",
     "EXIT_CONFIG_ERROR",
+    "NULL_TEXTS",
     "PROD_CONFIG",
     "REDACTED",
     "RENAMED_KEYS",

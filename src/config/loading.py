@@ -39,6 +39,8 @@ PROD_CONFIG = CONFIG_DIR / "prod_config.yaml"
 # Old key -> new key. Files and overrides may still use the old names; they are read as the
 # new ones, each layer before it is merged, so a later layer wins as usual.
 RENAMED_KEYS = {"logging.wandb": "logging.use_wandb"}
+# Override values that YAML reads as null: they clear an optional setting, typed or not.
+NULL_TEXTS = ("", "null", "~")
 _MISSING = object()
 
 
@@ -183,7 +185,7 @@ def as_typed_text(cfg: DictConfig, item: str) -> str:
     would read ``run_name=off`` as False (then "False"), ``run_name=1e3`` as 1000.0. ``null``
     still clears an optional one."""
     key, _, value = item.partition("=")
-    if value in ("", "null", "~") or value[:1] in ("'", '"'):
+    if value in NULL_TEXTS or value[:1] in ("'", '"'):
         return item
     parent, _, leaf = key.rpartition(".")
     section = OmegaConf.select(cfg, parent, default=None) if parent else cfg

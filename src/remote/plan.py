@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.common.paths import DEFAULT_PERSISTENT_DIR, LOCAL_FALLBACK_DIR, resolve_persistent_dir
 from src.config import (
     DEV_CONFIG,
+    NULL_TEXTS,
     PROD_CONFIG,
     ConfigError,
     ExperimentConfig,
@@ -144,4 +145,4 @@ def _typed_run_name(args: list[str]) -> str | None:
     as the experiment's own loader keeps it."""
     _, overrides = parse_cli(args)
     given = [item.partition("=")[2] for item in overrides if item.startswith("run_name=")]
-    return given[-1] if given and given[-1] not in ("", "null", "~") else None
+    return given[-1] if given and given[-1] not in NULL_TEXTS else None
